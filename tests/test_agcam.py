@@ -1,0 +1,231 @@
+import warnings
+
+import pytest
+import torch
+
+from captum_vit import AGCAM
+from captum_vit.vit import UnsupportedModelError, adapt
+from conftest import ARCHS, input_for, make, make_timm
+from reference import agcam_reference, logits_reference
+
+
+def _close(a, b, rel=1e-5):
+    scale = max(b.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= rel * scale, f"max diff {(a - b).abs().max().item()} vs scale {scale}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_exact_against_reference(arch):
+    model = make(arch)
+    x = input_for(arch, batch=3)
+    targets = [1, 7, 4]
+    ref = agcam_reference(model, x, targets)
+    assert ref.max() > 0, "reference map is all zero: the test would be vacuous"
+    for engine in ("generic", "auto"):
+        cam = AGCAM(model, engine=engine).attribute(x, target=targets)
+        gh, gw = adapt(model).grid_size(x)
+        assert cam.shape == (3, 1, gh, gw)
+        _close(cam.reshape(3, -1), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engines_agree_and_one_token_is_default(arch):
+    model = make(arch)
+    x = input_for(arch, batch=4, seed=3)
+    agcam = AGCAM(model)
+    assert agcam.resolved_engine() == "one_token"
+    a = AGCAM(model, engine="one_token").attribute(x, target=torch.tensor([0, 3, 5, 9]))
+    b = AGCAM(model, engine="generic").attribute(x, target=torch.tensor([0, 3, 5, 9]))
+    _close(a, b)
+
+
+def test_reference_logits_match_model():
+    # Guards the reference itself: its hand-written forward must equal the model's forward.
+    for arch in ARCHS:
+        model = make(arch)
+        x = input_for(arch, batch=2)
+        out = adapt(model).logits(x)
+        _close(logits_reference(model, x), out.detach(), rel=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("arch", ["plain", "distilled", "hf"])
+def test_batches_equal_per_image(arch, batch):
+    model = make(arch)
+    x = input_for(arch, batch=batch, seed=batch)
+    targets = [(3 * i + 1) % 10 for i in range(batch)]
+    agcam = AGCAM(model)
+    batched = agcam.attribute(x, target=targets)
+    single = torch.cat([agcam.attribute(x[i : i + 1], target=targets[i]) for i in range(batch)])
+    _close(batched, single)
+
+
+def test_fallback_to_generic_engine():
+    model = make_timm("scale_norm")
+    x = input_for("plain", batch=2)
+    agcam = AGCAM(model)
+    assert agcam.resolved_engine() == "generic"
+    _close(agcam.attribute(x, target=[2, 5]).reshape(2, -1), agcam_reference(model, x, [2, 5]))
+    with pytest.raises(ValueError, match="one_token"):
+        AGCAM(model, engine="one_token")
+
+
+def test_no_detach_variant_matches_plain_autograd_and_differs():
+    model = make_timm("plain")
+    x = input_for("plain", batch=2)
+    cam = AGCAM(model, detach=False).attribute(x, target=[1, 2]).reshape(2, -1)
+    _close(cam, agcam_reference(model, x, [1, 2], detach=False))
+    assert (cam - AGCAM(model).attribute(x, target=[1, 2]).reshape(2, -1)).abs().max() > 1e-4
+
+
+def test_target_none_is_predicted_class_and_fusions_and_layers():
+    model = make_timm("plain")
+    x = input_for("plain", batch=3)
+    pred = model(x).argmax(1)
+    _close(AGCAM(model).attribute(x), AGCAM(model).attribute(x, target=pred))
+    ref_last = agcam_reference(model, x, pred.tolist(), layers=[2])
+    _close(AGCAM(model, layers=[-1]).attribute(x).reshape(3, -1), ref_last)
+    s = AGCAM(model).attribute(x)
+    m = AGCAM(model, layer_fusion="mean", head_fusion="mean").attribute(x)
+    _close(m * 3 * 4, s)
+    mx = AGCAM(model, head_fusion="max", layer_fusion="max").attribute(x)
+    assert (mx <= s + 1e-6).all() and mx.max() > 0
+
+
+def test_target_forms():
+    model = make_timm("plain")
+    x = input_for("plain", batch=2)
+    a = AGCAM(model)
+    base = a.attribute(x, target=[4, 4])
+    for t in (4, (4,), torch.tensor(4), torch.tensor([4, 4]), [(4,), (4,)]):
+        _close(a.attribute(x, target=t), base)
+
+
+def test_upsample_to_input():
+    model = make_timm("dynamic")
+    x = input_for("dynamic", batch=2)
+    a = AGCAM(model)
+    cam = a.attribute(x, target=1)
+    up = a.attribute(x, target=1, upsample_to_input=True)
+    assert up.shape == (2, 1, 48, 80)
+    _close(up, torch.nn.functional.interpolate(cam, size=(48, 80), mode="bilinear", align_corners=False))
+
+
+def test_works_under_no_grad():
+    model = make_timm("layerscale")
+    x = input_for("plain", batch=2)
+    expected = AGCAM(model, engine="generic").attribute(x, target=[1, 2])
+    with torch.no_grad():
+        for engine in ("generic", "one_token"):
+            _close(AGCAM(model, engine=engine).attribute(x, target=[1, 2]), expected)
+
+
+# ------------------------------------------------------------------ leaves the model as found
+def _state(model):
+    s = []
+    for name, mod in model.named_modules():
+        s.append(
+            (
+                name,
+                tuple(mod._forward_hooks),
+                tuple(mod._forward_pre_hooks),
+                tuple(mod._backward_hooks),
+                tuple(getattr(mod, "_backward_pre_hooks", {})),
+                "forward" in mod.__dict__,
+                mod.training,
+                getattr(mod, "fused_attn", None),
+            )
+        )
+    s.append(tuple((n, p.requires_grad) for n, p in model.named_parameters()))
+    return s
+
+
+@pytest.mark.parametrize("arch", ["plain", "hf"])
+@pytest.mark.parametrize("engine", ["one_token", "generic"])
+def test_model_left_as_found(arch, engine):
+    model = make(arch)
+    for p in list(model.parameters())[::2]:  # a mixed requires_grad pattern must survive
+        p.requires_grad_(False)
+    x = input_for(arch, batch=2)
+    before = _state(model)
+    AGCAM(model, engine=engine).attribute(x, target=[1, 2])
+    assert _state(model) == before
+    with pytest.raises(ValueError, match="out of range"):
+        AGCAM(model, engine=engine).attribute(x, target=[1, 99])
+    assert _state(model) == before
+    # An exception escaping mid-forward (inside the recording) also restores everything.
+    adapter = adapt(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapter.recording(attention="grad", values=True, prefix=True, block_inputs=True):
+            assert _state(model) != before
+            raise RuntimeError("boom")
+    assert _state(model) == before
+
+
+def test_fused_attention_flag_kept_and_restored():
+    model = make_timm("plain")
+    flags = [blk.attn.fused_attn for blk in model.blocks]
+    assert all(flags), "timm enables fused attention by default on torch>=2"
+    for blk in model.blocks[:1]:
+        blk.attn.fused_attn = False  # mixed flags
+    x = input_for("plain", batch=2)
+    ref = agcam_reference(model, x, [1, 2])
+    _close(AGCAM(model).attribute(x, target=[1, 2]).reshape(2, -1), ref)
+    assert [blk.attn.fused_attn for blk in model.blocks] == [False] + flags[1:]
+
+
+def test_train_mode_warns_and_is_not_switched():
+    model = make_timm("plain").train()
+    x = input_for("plain", batch=2)
+    with pytest.warns(UserWarning, match="training mode"):
+        cam = AGCAM(model).attribute(x, target=[1, 2])
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.isfinite(cam).all()
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs_have_clear_errors():
+    model = make_timm("plain")
+    a = AGCAM(model)
+    with pytest.raises(ValueError, match="batch dimension"):
+        a.attribute(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="channels"):
+        a.attribute(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="fixed input size"):
+        a.attribute(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="NaN"):
+        a.attribute(torch.full((1, 3, 64, 64), float("nan")))
+    with pytest.raises(ValueError, match="out of range"):
+        a.attribute(torch.randn(2, 3, 64, 64), target=10)
+    with pytest.raises(ValueError, match="out of range"):
+        a.attribute(torch.randn(2, 3, 64, 64), target=-1)
+    with pytest.raises(ValueError, match="2 samples"):
+        a.attribute(torch.randn(2, 3, 64, 64), target=[1, 2, 3])
+    with pytest.raises(ValueError, match="batch of 2"):
+        a.attribute(torch.randn(2, 3, 64, 64), target=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="tuple target"):
+        a.attribute(torch.randn(2, 3, 64, 64), target=(1, 2))
+    with pytest.raises(TypeError, match="floating-point"):
+        a.attribute(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="layer index"):
+        AGCAM(model, layers=[5])
+    with pytest.raises(ValueError, match="head_fusion"):
+        AGCAM(model, head_fusion="median")
+    dyn = make_timm("dynamic")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        AGCAM(dyn).attribute(torch.randn(1, 3, 60, 64))
+
+
+def test_unsupported_models():
+    with pytest.raises(UnsupportedModelError, match="not a supported Vision Transformer"):
+        AGCAM(torch.nn.Linear(3, 3))
+    import timm
+
+    with pytest.raises(UnsupportedModelError, match="not a supported Vision Transformer"):
+        AGCAM(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    with pytest.raises(ValueError, match="no \\[class\\] token"):
+        AGCAM(make_timm("avgpool"))
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ValueError, match="pools tokens with 'avg'"):
+        AGCAM(VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, global_pool="avg"))
