@@ -108,8 +108,9 @@ class ViTLayerAttribution(LayerAttribution, GradientAttribution):
         LayerAttribution.__init__(self, self.adapter.logits, [self.adapter.attentions[i] for i in self.layer_indices])
         GradientAttribution.__init__(self, self.adapter.logits)
 
-    def _prepare(self, inputs: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        if isinstance(inputs, tuple):
+    def _prepare(self, inputs: Tensor) -> Tuple[Tensor, Tuple[int, int], bool]:
+        is_tuple = isinstance(inputs, tuple)
+        if is_tuple:
             if len(inputs) != 1:
                 raise ValueError("a ViT takes one input tensor; got a tuple of %d" % len(inputs))
             inputs = inputs[0]
@@ -120,10 +121,11 @@ class ViTLayerAttribution(LayerAttribution, GradientAttribution):
                 "captum-vit does not switch modes for you; call model.eval() first.",
                 stacklevel=3,
             )
-        return inputs, self.adapter.grid_size(inputs)
+        return inputs, self.adapter.grid_size(inputs), is_tuple
 
-    def _finish(self, maps: Tensor, inputs: Tensor, grid: Tuple[int, int], upsample_to_input: bool) -> Tensor:
+    def _finish(self, maps: Tensor, inputs: Tensor, grid: Tuple[int, int], upsample_to_input: bool, is_tuple: bool):
         cam = maps.reshape(maps.shape[0], 1, grid[0], grid[1]).to(inputs.device)
         if upsample_to_input:
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
-        return cam
+        # Captum convention: a tuple of inputs gets a tuple of attributions back.
+        return (cam,) if is_tuple else cam

@@ -88,6 +88,10 @@ class AGCAM(ViTLayerAttribution):
             if reason:
                 raise ValueError(f"engine='one_token' does not apply: {reason}; use engine='generic' or 'auto'")
 
+    @classmethod
+    def get_name(cls) -> str:
+        return "AGCAM"
+
     def _one_token_blocker(self, check_training: bool = True) -> str:
         if not self.detach:
             return "it relies on detached attention inputs (detach=True)"
@@ -114,7 +118,8 @@ class AGCAM(ViTLayerAttribution):
     ) -> Tensor:
         r"""
         Args:
-            inputs (Tensor): normalised images ``[B, C, H, W]``.
+            inputs (Tensor or 1-tuple of Tensor): normalised images ``[B, C, H, W]``; a
+                tuple in gives a tuple out (Captum convention).
             target (int, tuple, list or Tensor, optional): class per sample (Captum semantics);
                 ``None`` explains the predicted class.
             upsample_to_input (bool): return the map bilinearly upsampled
@@ -124,12 +129,12 @@ class AGCAM(ViTLayerAttribution):
             *Tensor* of shape ``[B, 1, gh, gw]`` (or ``[B, 1, H, W]``) on the input's device,
             non-negative and not normalised.
         """
-        inputs, grid = self._prepare(inputs)
+        inputs, grid, is_tuple = self._prepare(inputs)
         if self.resolved_engine() == "one_token":
             maps = self._one_token(inputs, target)
         else:
             maps = self._generic(inputs, target)
-        return self._finish(maps, inputs, grid, upsample_to_input)
+        return self._finish(maps, inputs, grid, upsample_to_input, is_tuple)
 
     # ------------------------------------------------------------------ formula
     def _combine(self, scores_cls: List[Tensor], grads_cls: List[Tensor]) -> Tensor:
