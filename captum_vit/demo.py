@@ -1,0 +1,311 @@
+"""End-to-end demo: explain the shipped shapes ViT and score the maps with the localization protocol.
+
+``run_demo`` draws held-out images from :class:`captum_vit.data.ShapesDataset`, classifies them,
+keeps the correctly classified ones (SPEC.md section 3), computes every requested method's map for
+the predicted class, and reports the five localization metrics per method, the multi-instance rate
+(images with at least two instances of the class where the predicted contour boxes touch every
+instance), a gallery figure and a JSON file. Everything runs in batches.
+
+Command line: ``captum-vit demo --n 300 --seed 2024 --out captum_vit_demo --methods agcam`` or
+``python -m captum_vit.demo ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
+
+import torch
+
+from captum_vit.metrics.localization import METRIC_NAMES, boxes_touch_instances, evaluate_localization, mean
+
+__all__ = ["run_demo", "add_demo_arguments", "run_demo_from_args", "resolve_methods", "format_table", "main",
+           "TRAIN_SEED"]
+
+#: Seed of the shipped model's training images; the demo must draw other images.
+TRAIN_SEED = 0
+
+_SHORT = {"pixel_accuracy": "pix.acc", "iou": "IoU", "dice": "Dice", "precision": "prec.", "recall": "recall"}
+
+
+def _registry() -> Dict[str, type]:
+    import captum_vit.attr as attr
+
+    reg = getattr(attr, "METHODS", None)
+    if not reg:
+        from captum_vit.attr.agcam import AGCAM
+
+        reg = {"agcam": AGCAM}
+    return dict(reg)
+
+
+def resolve_methods(methods: Union[None, str, Sequence[str], Mapping[str, type]] = None) -> Dict[str, type]:
+    r"""Turn a method selection into ``{name: attribution class}``.
+
+    Args:
+        methods: ``None`` (every method of :data:`captum_vit.attr.METHODS`), a name, a
+            comma-separated string, a sequence of names, or a ready ``{name: class}`` mapping
+            (each class is constructed as ``cls(model)``).
+
+    Returns:
+        dict[str, type]: the selected classes, in the given order.
+    """
+    if isinstance(methods, Mapping):
+        return dict(methods)
+    reg = _registry()
+    if methods is None:
+        return reg
+    if isinstance(methods, str):
+        methods = [methods]
+    names = [m.strip() for item in methods for m in str(item).split(",") if m.strip()]
+    unknown = [m for m in names if m not in reg]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {sorted(reg)}")
+    if not names:
+        raise ValueError("no method selected")
+    return {m: reg[m] for m in names}
+
+
+def _fmt(v: float) -> str:
+    return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def format_table(scores: Dict[str, Any]) -> str:
+    r"""The demo's text report for a ``run_demo`` result.
+
+    Args:
+        scores (dict): the dictionary returned by :func:`run_demo`.
+
+    Returns:
+        str: a multi-line table.
+    """
+    lines = [
+        f"captum-vit demo: {scores['n_images']} held-out ShapesDataset images (split 'single', seed "
+        f"{scores['seed']}), threshold {scores['threshold']}",
+        f"classification accuracy {_fmt(scores['accuracy'])} ({scores['n_correct']}/{scores['n_images']}); "
+        f"localization on {scores['n_evaluated']} "
+        f"{'correctly classified images' if scores['only_correct'] else 'images'}, map for the predicted class",
+    ]
+    head = f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES) + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}"
+    lines += [head, "-" * len(head)]
+    for name, s in scores["methods"].items():
+        lines.append(f"{name:<12}" + "".join(f"{_fmt(s[k]):>9}" for k in METRIC_NAMES)
+                     + f"{_fmt(s['multi_instance_rate']):>12}{s['n_multi_instance']:>6}{s['seconds']:>8.1f}")
+    lines.append("multi-inst: share of images with >= 2 instances whose predicted contour boxes touch every "
+                 "instance (boxes may span several instances).")
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run_demo(
+    n: int = 300,
+    seed: int = 2024,
+    out: Optional[str] = "captum_vit_demo",
+    methods: Union[None, str, Sequence[str], Mapping[str, type]] = None,
+    batch_size: int = 16,
+    gallery_rows: int = 6,
+    threshold: float = 0.5,
+    progress: bool = True,
+    model: Optional[torch.nn.Module] = None,
+    data_config: Optional[Mapping[str, Any]] = None,
+    only_correct: bool = True,
+    stream: Optional[TextIO] = None,
+) -> Dict[str, Any]:
+    r"""Explain held-out shapes images with each method and score the maps (SPEC.md section 3).
+
+    Args:
+        n (int, optional): number of images drawn from ``ShapesDataset("single", seed=seed)``.
+            Default: 300
+        seed (int, optional): dataset seed; must differ from the training seed
+            (:data:`TRAIN_SEED`, a warning is raised otherwise). Default: 2024
+        out (str, optional): output folder for ``gallery.png`` and ``scores.json``; ``None``
+            writes nothing. Default: ``"captum_vit_demo"``
+        methods (optional): method names (see :func:`resolve_methods`); ``None`` = all registered.
+        batch_size (int, optional): images per model call. Default: 16
+        gallery_rows (int, optional): images shown in the gallery (the first evaluated ones);
+            0 skips the figure. Default: 6
+        threshold (float, optional): binarisation threshold on the min-max map. Default: 0.5
+        progress (bool, optional): show a tqdm progress bar. Default: True
+        model (nn.Module, optional): a classifier to use instead of the shipped
+            :func:`captum_vit.zoo.shapes_vit` (in eval mode). Default: None
+        data_config (dict, optional): its timm-style data config (``mean``/``std`` are used);
+            defaults to the shipped model's, or mean = std = 0.5.
+        only_correct (bool, optional): evaluate only correctly classified images, as the
+            protocol requires; ``False`` evaluates all images (map for the predicted class).
+            Default: True
+        stream (file, optional): where the table is printed. Default: ``sys.stdout``
+
+    Returns:
+        dict: ``n_images``, ``seed``, ``threshold``, ``only_correct``, ``accuracy``,
+        ``n_correct``, ``n_evaluated``, ``n_multi_instance_images``, ``runtime_s``, ``files`` and
+        ``methods`` = ``{name: {pixel_accuracy, iou, dice, precision, recall,
+        multi_instance_rate, n_multi_instance, seconds}}`` (means over evaluated images; NaN when
+        there are none). The same numbers are written to ``out/scores.json`` (NaN as null).
+    """
+    from tqdm.auto import tqdm
+
+    from captum_vit.data import CLASSES, ShapesDataset, collate
+
+    t_start = time.perf_counter()
+    stream = stream if stream is not None else sys.stdout
+    if int(seed) == TRAIN_SEED:
+        warnings.warn(f"seed {seed} is the shipped model's training seed: these images are not held out",
+                      stacklevel=2)
+    if model is None:
+        from captum_vit.zoo import shapes_vit
+
+        model, shipped_config = shapes_vit()
+        data_config = data_config if data_config is not None else shipped_config
+    if model.training:
+        raise ValueError("the model is in train mode; call model.eval() first")
+    data_config = dict(data_config or {})
+    mean_, std_ = tuple(data_config.get("mean", (0.5,) * 3)), tuple(data_config.get("std", (0.5,) * 3))
+    classes = resolve_methods(methods)
+    explainers = {name: cls(model) for name, cls in classes.items()}
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    dataset = ShapesDataset("single", seed=int(seed), size=int(n), mean=mean_, std=std_)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0,
+                                         collate_fn=collate)
+
+    per_image: Dict[str, Dict[str, List[torch.Tensor]]] = {m: {k: [] for k in METRIC_NAMES} for m in classes}
+    touched: Dict[str, List[bool]] = {m: [] for m in classes}
+    seconds = {m: 0.0 for m in classes}
+    n_correct = n_eval = n_multi = 0
+    rows: Dict[str, Any] = {"images": [], "gt": [], "titles": [], "maps": {m: [] for m in classes},
+                            "boxes": {m: [] for m in classes}}
+
+    bar = tqdm(total=len(dataset), desc="captum-vit demo", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        for batch in loader:
+            x = batch["image"].to(device)
+            labels = batch["label"].to(device)
+            with torch.no_grad():
+                pred = model(x).argmax(-1)
+            correct = pred == labels
+            n_correct += int(correct.sum())
+            keep = torch.nonzero(correct if only_correct else torch.ones_like(correct)).flatten().tolist()
+            bar.update(x.shape[0])
+            if not keep:
+                continue
+            n_eval += len(keep)
+            xk, targets = x[keep], pred[keep]
+            gt = [batch["boxes"][i] for i in keep]
+            inst = [batch["masks"][i] for i in keep]
+            multi = [j for j, m in enumerate(inst) if m.shape[0] >= 2]
+            n_multi += len(multi)
+            take = max(0, int(gallery_rows) - len(rows["images"]))
+            for i in keep[:take]:
+                rows["images"].append(batch["image_uint8"][i].numpy())
+                rows["gt"].append(batch["boxes"][i])
+                rows["titles"].append(f"#{int(batch['index'][i])} {CLASSES[int(labels[i])]} "
+                                      f"x{batch['masks'][i].shape[0]}")
+            size = tuple(x.shape[-2:])
+            for name, explainer in explainers.items():
+                t0 = time.perf_counter()
+                maps = explainer.attribute(xk, target=targets, upsample_to_input=False).detach().float().cpu()
+                metrics, pboxes = evaluate_localization(maps, gt, threshold=threshold, size=size, return_boxes=True)
+                seconds[name] += time.perf_counter() - t0
+                for k in METRIC_NAMES:
+                    per_image[name][k].append(metrics[k])
+                touched[name] += [boxes_touch_instances(pboxes[j], inst[j]) for j in multi]
+                rows["maps"][name] += list(maps[:take])
+                rows["boxes"][name] += pboxes[:take]
+    finally:
+        bar.close()
+
+    method_scores: Dict[str, Dict[str, Any]] = {}
+    for name in classes:
+        s = mean(per_image[name]) if n_eval else {k: float("nan") for k in METRIC_NAMES}
+        t = touched[name]
+        s["multi_instance_rate"] = float(sum(t)) / len(t) if t else float("nan")
+        s["n_multi_instance"] = len(t)
+        s["seconds"] = seconds[name]
+        method_scores[name] = s
+
+    scores: Dict[str, Any] = {
+        "n_images": len(dataset),
+        "seed": int(seed),
+        "threshold": float(threshold),
+        "only_correct": bool(only_correct),
+        "accuracy": n_correct / len(dataset) if len(dataset) else float("nan"),
+        "n_correct": n_correct,
+        "n_evaluated": n_eval,
+        "n_multi_instance_images": n_multi,
+        "methods": method_scores,
+        "files": {},
+    }
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        if gallery_rows > 0 and rows["images"]:
+            from captum_vit.viz import gallery
+
+            scores["files"]["gallery"] = gallery(
+                os.path.join(out, "gallery.png"), rows["images"], rows["gt"], rows["maps"],
+                pred_boxes_by_method=rows["boxes"], titles=rows["titles"])
+    scores["runtime_s"] = time.perf_counter() - t_start
+    print(format_table(scores), file=stream)
+    if out is not None:
+        path = os.path.join(out, "scores.json")
+        scores["files"]["scores"] = path
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(scores), f, indent=2)
+        print(f"wrote {', '.join(scores['files'].values())} in {scores['runtime_s']:.1f} s", file=stream)
+    return scores
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    r"""Add the demo's options (``--n --seed --out --methods --batch-size --gallery-rows
+    --threshold --no-progress``) to an argparse parser.
+
+    Args:
+        parser (argparse.ArgumentParser): the (sub)parser to extend.
+
+    Returns:
+        argparse.ArgumentParser: the same parser.
+    """
+    parser.add_argument("--n", type=int, default=300, help="number of held-out images (default 300)")
+    parser.add_argument("--seed", type=int, default=2024,
+                        help=f"dataset seed, not the training seed {TRAIN_SEED} (default 2024)")
+    parser.add_argument("--out", default="captum_vit_demo", help="output folder (default captum_vit_demo)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="method names, space or comma separated (default: all registered)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    parser.add_argument("--gallery-rows", type=int, default=6, help="images in gallery.png (default 6)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold (default 0.5)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run_demo_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    r"""Call :func:`run_demo` with the options parsed by :func:`add_demo_arguments`."""
+    return run_demo(n=args.n, seed=args.seed, out=args.out, methods=args.methods, batch_size=args.batch_size,
+                    gallery_rows=args.gallery_rows, threshold=args.threshold, progress=not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m captum_vit.demo", description=__doc__.split("\n")[0]))
+    run_demo_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
