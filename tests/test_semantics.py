@@ -1,0 +1,111 @@
+"""Semantic checks of AGCAM on the shipped shapes ViT (skipped until its weights exist).
+
+* Class specificity: on two-class images, the map for class ``a`` puts more of its mass on ``a``'s
+  instances than on ``b``'s, and the other way round.
+* Multi-instance coverage (report): with several instances of the class, how often the
+  protocol's contour boxes of the thresholded map touch every instance.
+
+Run with ``-s`` to see the rates; they are also recorded as junit properties.
+"""
+
+import os
+
+import pytest
+import torch
+
+from captum_vit.data import ShapesDataset, collate
+from captum_vit.metrics import boxes_touch_instances, mass_inside, predict_boxes
+
+#: Held-out seed: training used 0, the trainer's validation 12345/12346, the demo 2024.
+HELD_OUT_SEED = 2025
+SPECIFICITY_MIN_RATE = 0.8
+
+
+@pytest.fixture(scope="module")
+def trained():
+    zoo = pytest.importorskip("captum_vit.zoo")
+    agcam_mod = pytest.importorskip("captum_vit.attr.agcam")
+    if not os.path.isfile(getattr(zoo.shapes, "WEIGHTS_PATH", "")):
+        pytest.skip("the shipped shapes_vit weights are not there yet")
+    model, cfg = zoo.shapes_vit()
+    return model, cfg, agcam_mod.AGCAM(model)
+
+
+def _batches(split, size, batch_size, cfg):
+    ds = ShapesDataset(split, seed=HELD_OUT_SEED, size=size, mean=cfg.get("mean", (0.5,) * 3),
+                       std=cfg.get("std", (0.5,) * 3))
+    for s in range(0, size, batch_size):
+        yield collate([ds[i] for i in range(s, min(size, s + batch_size))])
+
+
+def class_specificity(agcam, cfg, size=150, batch_size=50):
+    """Per image: mass of the map for each class inside each class's instance masks."""
+    rows = {"aa": [], "ab": [], "bb": [], "ba": [], "area_a": [], "area_b": []}
+    for batch in _batches("pairs", size, batch_size, cfg):
+        a, b = batch["label"][:, 0], batch["label"][:, 1]
+        mask_a = torch.stack([m[il == int(c)].any(0) for m, il, c in zip(batch["masks"], batch["instance_labels"], a)])
+        mask_b = torch.stack([m[il == int(c)].any(0) for m, il, c in zip(batch["masks"], batch["instance_labels"], b)])
+        ok = mask_a.flatten(1).any(1) & mask_b.flatten(1).any(1)  # both classes actually placed
+        x = batch["image"][ok]
+        mask_a, mask_b = mask_a[ok], mask_b[ok]
+        map_a = agcam.attribute(x, target=a[ok]).detach()
+        map_b = agcam.attribute(x, target=b[ok]).detach()
+        rows["aa"].append(mass_inside(map_a, mask_a))
+        rows["ab"].append(mass_inside(map_a, mask_b))
+        rows["bb"].append(mass_inside(map_b, mask_b))
+        rows["ba"].append(mass_inside(map_b, mask_a))
+        rows["area_a"].append(mask_a.flatten(1).sum(1).double())
+        rows["area_b"].append(mask_b.flatten(1).sum(1).double())
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def multi_instance_touch(model, agcam, cfg, size=200, batch_size=50, threshold=0.5):
+    """Correctly classified single-class images with >= 2 instances: do the boxes touch every instance?"""
+    touched, n_boxes, n_inst = [], [], []
+    for batch in _batches("single", size, batch_size, cfg):
+        with torch.no_grad():
+            pred = model(batch["image"]).argmax(-1)
+        keep = [i for i in range(len(pred)) if pred[i] == batch["label"][i] and batch["masks"][i].shape[0] >= 2]
+        if not keep:
+            continue
+        maps = agcam.attribute(batch["image"][keep], target=pred[keep]).detach()
+        boxes = predict_boxes(maps, threshold=threshold, size=tuple(batch["image"].shape[-2:]))
+        for j, i in enumerate(keep):
+            touched.append(boxes_touch_instances(boxes[j], batch["masks"][i]))
+            n_boxes.append(boxes[j].shape[0])
+            n_inst.append(batch["masks"][i].shape[0])
+    return touched, n_boxes, n_inst
+
+
+def test_agcam_is_class_specific(trained, record_property):
+    _, cfg, agcam = trained
+    r = class_specificity(agcam, cfg)
+    n = r["aa"].numel()
+    assert n >= 100
+    rate_a = float((r["aa"] > r["ab"]).double().mean())
+    rate_b = float((r["bb"] > r["ba"]).double().mean())
+    # the same comparison per pixel of the instances (two instances of one class vs one of the other)
+    dens_a = float((r["aa"] / r["area_a"] > r["ab"] / r["area_b"]).double().mean())
+    dens_b = float((r["bb"] / r["area_b"] > r["ba"] / r["area_a"]).double().mean())
+    print(f"\n[semantics] class specificity on {n} pairs images (seed {HELD_OUT_SEED}): "
+          f"map(a) favours a's instances in {rate_a:.3f}, map(b) favours b's in {rate_b:.3f} "
+          f"(mass per instance pixel: {dens_a:.3f} / {dens_b:.3f}); mean mass inside own / other class: "
+          f"{float(torch.cat([r['aa'], r['bb']]).mean()):.3f} / {float(torch.cat([r['ab'], r['ba']]).mean()):.3f}")
+    for k, v in (("specificity_rate_a", rate_a), ("specificity_rate_b", rate_b), ("specificity_n", n)):
+        record_property(k, v)
+    assert rate_a >= SPECIFICITY_MIN_RATE
+    assert rate_b >= SPECIFICITY_MIN_RATE
+
+
+def test_agcam_multi_instance_report(trained, record_property):
+    model, cfg, agcam = trained
+    touched, n_boxes, n_inst = multi_instance_touch(model, agcam, cfg)
+    n = len(touched)
+    assert n >= 30
+    rate = sum(touched) / n
+    more_boxes = sum(b >= k for b, k in zip(n_boxes, n_inst)) / n
+    print(f"\n[semantics] multi-instance: contour boxes touch every instance in {rate:.3f} of {n} correctly "
+          f"classified images with >= 2 instances (seed {HELD_OUT_SEED}); mean boxes {sum(n_boxes) / n:.2f} "
+          f"for mean instances {sum(n_inst) / n:.2f}; at least one box per instance in {more_boxes:.3f}")
+    record_property("multi_instance_rate", rate)
+    record_property("multi_instance_n", n)
