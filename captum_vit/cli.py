@@ -88,9 +88,9 @@ def _cmd_explain(a: argparse.Namespace) -> None:
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
-    from captum_vit.demo import run_demo
+    from captum_vit.demo import run_demo_from_args
 
-    run_demo(n=a.n, seed=a.seed, out=a.out, methods=a.methods, batch_size=a.batch_size)
+    run_demo_from_args(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="captum_vit_out", metavar="DIR", help="output folder (default: captum_vit_out)")
     p.set_defaults(func=_cmd_explain)
 
+    from captum_vit.demo import add_demo_arguments
+
     p = sub.add_parser("demo", help="explain held-out synthetic images with the shipped model; gallery + scores")
-    p.add_argument("--n", type=int, default=300, help="number of held-out images (default: 300)")
-    p.add_argument("--seed", type=int, default=2024, help="held-out seed (default: 2024; training used seed 0)")
-    p.add_argument("--out", default="captum_vit_demo", metavar="DIR", help="output folder (default: captum_vit_demo)")
-    p.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 
