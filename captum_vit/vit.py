@@ -117,6 +117,17 @@ class ViTAdapter:
                 f"inputs have {inputs.shape[1]} channels but the model's patch embedding expects {self.in_chans}; "
                 f"got shape {tuple(inputs.shape)} (channels-last input? use inputs.permute(0, 3, 1, 2))."
             )
+        ref = next(self.model.parameters(), None)
+        if ref is not None and inputs.device != ref.device:
+            raise ValueError(
+                f"inputs are on {inputs.device} but the model is on {ref.device}; move one of them "
+                f"(e.g. inputs.to('{ref.device}'))"
+            )
+        if ref is not None and inputs.dtype != ref.dtype:
+            raise TypeError(
+                f"inputs have dtype {inputs.dtype} but the model's weights are {ref.dtype}; use "
+                f"inputs.to({ref.dtype}) (or autocast)"
+            )
         if inputs.shape[0] == 0:
             raise ValueError("inputs is an empty batch (B = 0)")
         if not torch.isfinite(inputs).all():

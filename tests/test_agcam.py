@@ -207,6 +207,8 @@ def test_bad_inputs_have_clear_errors():
         a.attribute(torch.randn(2, 3, 64, 64), target=(1, 2))
     with pytest.raises(TypeError, match="floating-point"):
         a.attribute(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="dtype"):
+        a.attribute(torch.randn(1, 3, 64, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="layer index"):
         AGCAM(model, layers=[5])
     with pytest.raises(ValueError, match="head_fusion"):
