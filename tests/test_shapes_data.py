@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import torch
 
-from captum_vit.data import CLASSES, ShapesDataset, collate
+from captum_vit.data import CLASSES, ShapesDataset, collate, generate
 
 _HASH_SNIPPET = (
     "import hashlib; from captum_vit.data import ShapesDataset; "
@@ -96,3 +96,15 @@ def test_label_coverage_and_collate():
     assert tuple(pb["label"].shape) == (3, 2)
     loader = torch.utils.data.DataLoader(d, batch_size=4, collate_fn=collate)
     assert tuple(next(iter(loader))["image"].shape) == (4, 3, 224, 224)
+
+
+def test_easy_variant():
+    for split in ("single", "pairs"):
+        for i in range(10):
+            s = generate(0, split, i, easy=True)
+            it = {"image": ShapesDataset().normalize(s["image_uint8"]), "image_uint8": s["image_uint8"],
+                  "label": s["label"], "boxes": torch.from_numpy(s["boxes"]),
+                  "masks": torch.from_numpy(s["masks"]), "instance_labels": torch.from_numpy(s["instance_labels"])}
+            _check_item(it, split)
+        assert not np.array_equal(generate(0, split, 0, easy=True)["image_uint8"],
+                                  generate(0, split, 0)["image_uint8"])

@@ -190,7 +190,7 @@ def _background(rng: np.random.Generator, S: int) -> np.ndarray:
         if rng.random() < 0.5:
             bg = bg[:, ::-1]
         # soften the photo towards its mean sometimes so shapes stay readable
-        a = float(rng.uniform(0.55, 1.0))
+        a = float(rng.uniform(0.4, 0.85))
         return bg * a + bg.mean((0, 1)) * (1 - a)
     if kind == 1:
         c1, c2 = _rand_color(rng), _rand_color(rng)
@@ -217,7 +217,7 @@ def _background(rng: np.random.Generator, S: int) -> np.ndarray:
 
 def _clutter(rng: np.random.Generator, img: Image.Image, S: int) -> None:
     d = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(0, 6))):  # thin lines
+    for _ in range(int(rng.integers(0, 5))):  # thin lines
         x0, y0 = rng.uniform(0, S, 2)
         ang = rng.uniform(0, 2 * math.pi)
         ln = rng.uniform(30, 150) * S / 224
@@ -246,15 +246,20 @@ def _place(rng: np.random.Generator, placed: List[Tuple[int, int, int, int]], h:
     return None
 
 
-def generate(seed: int, split: str, index: int, image_size: int = 224) -> Dict[str, object]:
+def generate(seed: int, split: str, index: int, image_size: int = 224, easy: bool = False) -> Dict[str, object]:
     """Render item ``index`` of ``split`` for ``seed`` as plain numpy arrays.
 
     Returns a dict with ``image_uint8`` (HxWx3 uint8), ``label`` (int, or (a, b) for pairs),
     ``boxes`` (n x 4 int64, inclusive), ``masks`` (n x H x W bool), ``instance_labels`` (n int64).
+
+    ``easy=True`` (training curriculum only; a separate random stream) draws flat/gradient
+    backgrounds without clutter, solid or striped fills and at most two (larger) instances per class.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     S = int(image_size)
+    if easy:
+        return _generate_easy(seed, split, index, S)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     nc = len(CLASSES)
     if split == "single":
@@ -266,7 +271,7 @@ def generate(seed: int, split: str, index: int, image_size: int = 224) -> Dict[s
         want = [a] * int(rng.integers(1, 3)) + [b] * int(rng.integers(1, 3))
         want = [want[k] for k in rng.permutation(len(want))]
     n = len(want)
-    lo, hi = {1: (50, 90), 2: (42, 86), 3: (38, 76), 4: (36, 68)}[n]
+    lo, hi = {1: (56, 90), 2: (48, 88), 3: (42, 78), 4: (36, 70)}[n]
 
     bg = _background(rng, S)
     bgimg = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
@@ -294,10 +299,10 @@ def generate(seed: int, split: str, index: int, image_size: int = 224) -> Dict[s
         bg_mean = region[m].mean(0) if m.any() else region.reshape(-1, 3).mean(0)
         cands = rng.integers(0, 256, (6, 3)).astype(np.float32)
         c1 = cands[int(np.argmax(np.abs(cands - bg_mean).sum(1)))]
-        shift = rng.uniform(60, 120) * np.where(c1 > 127, -1.0, 1.0)
+        shift = rng.uniform(35, 70) * np.where(c1 > 127, -1.0, 1.0)
         c2 = np.clip(c1 + shift.astype(np.float32), 0, 255).astype(np.float32)
         kind = int(rng.choice(4, p=[0.4, 0.2, 0.2, 0.2]))
-        tex = _texture(rng, m.shape[0], m.shape[1], c1, c2, kind)
+        tex = _texture(rng, m.shape[0], m.shape[1], c1, c2, kind, noise_std=18.0)
         region[m] = tex[m]
         full = np.zeros((S, S), bool)
         full[y0:y1 + 1, x0:x1 + 1] = m
@@ -312,6 +317,61 @@ def generate(seed: int, split: str, index: int, image_size: int = 224) -> Dict[s
         "boxes": np.array(boxes, np.int64).reshape(-1, 4),
         "masks": np.stack(masks) if masks else np.zeros((0, S, S), bool),
         "instance_labels": out_labels,
+    }
+
+
+def _generate_easy(seed: int, split: str, index: int, S: int) -> Dict[str, object]:
+    rng = np.random.default_rng([int(seed), 100 + SPLITS[split], int(index)])
+    nc = len(CLASSES)
+    if split == "single":
+        label: object = int(rng.integers(nc))
+        want = [label] * int(rng.integers(1, 3))
+    else:
+        a, b = (int(v) for v in rng.choice(nc, 2, replace=False))
+        label = (min(a, b), max(a, b))
+        want = [a, b]
+    lo, hi = (60, 100) if len(want) == 1 else (48, 90)
+    if rng.random() < 0.5:
+        img = np.empty((S, S, 3), np.float32)
+        img[:] = _rand_color(rng)
+    else:
+        c1, c2 = _rand_color(rng), _rand_color(rng)
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+        t = (xx + yy) / float(2 * S - 2) if rng.random() < 0.5 else xx / float(S - 1)
+        img = c1 * (1 - t[:, :, None]) + c2 * t[:, :, None]
+    boxes: List[Tuple[int, int, int, int]] = []
+    masks: List[np.ndarray] = []
+    labels: List[int] = []
+    for cls in want:
+        size = float(rng.uniform(lo, hi)) * S / 224
+        box = None
+        for _ in range(8):
+            m = _shape_mask(CLASSES[cls], rng, size)
+            box = _place(rng, boxes, m.shape[0], m.shape[1], S)
+            if box is not None:
+                break
+            size *= 0.85
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        region = img[y0:y1 + 1, x0:x1 + 1]
+        bg_mean = region[m].mean(0)
+        cands = rng.integers(0, 256, (6, 3)).astype(np.float32)
+        c1 = cands[int(np.argmax(np.abs(cands - bg_mean).sum(1)))]
+        c2 = np.clip(c1 + 80.0 * np.where(c1 > 127, -1.0, 1.0), 0, 255).astype(np.float32)
+        tex = _texture(rng, m.shape[0], m.shape[1], c1, c2, int(rng.choice(2, p=[0.7, 0.3])))
+        region[m] = tex[m]
+        full = np.zeros((S, S), bool)
+        full[y0:y1 + 1, x0:x1 + 1] = m
+        boxes.append(box)
+        masks.append(full)
+        labels.append(cls)
+    return {
+        "image_uint8": np.clip(np.rint(img), 0, 255).astype(np.uint8),
+        "label": label,
+        "boxes": np.array(boxes, np.int64).reshape(-1, 4),
+        "masks": np.stack(masks),
+        "instance_labels": np.array(labels, np.int64),
     }
 
 

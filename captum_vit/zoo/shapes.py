@@ -1,0 +1,114 @@
+"""A small timm ViT trained on :class:`captum_vit.data.ShapesDataset`, shipped with the package.
+
+``shapes_vit()`` returns ``(model, data_config)``: a ``timm`` ``VisionTransformer`` (patch 16 at
+224, i.e. a 14x14 grid, a [class] token and ``global_pool='token'``) in eval mode, and a timm-style
+data config (squash resize to 224, mean = std = 0.5). The weights are verified against the sha256
+recorded in ``shapes_vit.json`` before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["shapes_vit", "build_shapes_vit", "load_config", "SHAPES_CLASSES", "DATA_CONFIG",
+           "CONFIG_PATH", "WEIGHTS_PATH", "sha256_file"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_PATH = os.path.join(_HERE, "shapes_vit.json")
+WEIGHTS_PATH = os.path.join(_HERE, "shapes_vit.pth")
+
+DATA_CONFIG: Dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+    "crop_mode": "squash",
+}
+
+# default model config; the shipped json overrides/records it
+DEFAULT_MODEL_KWARGS: Dict[str, Any] = dict(
+    img_size=224, patch_size=16, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0,
+    class_token=True, global_pool="token",
+)
+
+
+def _classes():
+    from captum_vit.data.shapes import CLASSES
+
+    return list(CLASSES)
+
+
+SHAPES_CLASSES = _classes()
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_config(path: Optional[str] = None) -> Dict[str, Any]:
+    with open(path or CONFIG_PATH, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_shapes_vit(model_kwargs: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None):
+    """An untrained ``timm`` VisionTransformer with the shapes architecture."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(DEFAULT_MODEL_KWARGS)
+    kw.update(model_kwargs or {})
+    kw["num_classes"] = int(num_classes if num_classes is not None else kw.get("num_classes", len(SHAPES_CLASSES)))
+    return VisionTransformer(**kw)
+
+
+def shapes_vit(checkpoint: Optional[str] = None, device="cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Load the shipped shapes ViT.
+
+    Args:
+        checkpoint: path of a state_dict file; default: the shipped ``shapes_vit.pth``. Its sha256
+            is checked against ``shapes_vit.json`` only for the shipped file (or when a json with the
+            same stem sits next to ``checkpoint``).
+        device: where to put the model.
+
+    Returns:
+        ``(model, data_config)``: the float32 model in eval mode and a timm-style data config dict.
+    """
+    path = os.path.abspath(checkpoint or WEIGHTS_PATH)
+    cfg_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.exists(cfg_path):
+        cfg_path = CONFIG_PATH
+    fix = ("re-fetch it with `git checkout -- captum_vit/zoo/shapes_vit.pth` (if it is a Git LFS pointer: "
+           "`git lfs pull`) or retrain with `python -m captum_vit.zoo.train_shapes --out captum_vit/zoo`")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"shapes_vit weights not found: {path}; {fix}")
+    try:
+        cfg = load_config(cfg_path)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not read the shapes_vit config {cfg_path}: {e}; {fix}") from e
+    expected = cfg.get("sha256")
+    if expected and (checkpoint is None or os.path.dirname(cfg_path) == os.path.dirname(path)):
+        actual = sha256_file(path)
+        if actual != expected:
+            raise RuntimeError(
+                f"checksum mismatch for {path}: sha256 {actual} != expected {expected} (from {cfg_path}); "
+                f"the file is corrupt or was replaced; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file without a recorded checksum
+        raise RuntimeError(f"could not load shapes_vit weights {path}: {e}; {fix}") from e
+    model = build_shapes_vit(cfg.get("model_kwargs"), num_classes=len(cfg.get("classes", SHAPES_CLASSES)))
+    state = {k: v.float() if torch.is_floating_point(v) else v for k, v in state.items()}
+    model.load_state_dict(state)
+    model = model.float().to(device).eval()
+    data_config = dict(DATA_CONFIG)
+    data_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("data_config", {}).items()})
+    return model, data_config

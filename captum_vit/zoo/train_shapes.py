@@ -1,0 +1,296 @@
+"""Train the small shapes ViT shipped as ``captum_vit/zoo/shapes_vit.pth``.
+
+    python -m captum_vit.zoo.train_shapes --out captum_vit/zoo
+
+CPU only. Steps:
+1. pre-generate a uint8 cache of training images in RAM (``ShapesDataset`` split "single" with
+   ``--train-seed`` plus a fraction ``--pairs-frac`` of split "pairs" with the same seed), with a
+   multiprocessing pool;
+2. train a timm VisionTransformer (config in ``shapes_vit.json``) with AdamW, linear warmup + cosine
+   decay, label smoothing, random flips / 90-degree rotations (all label preserving), bf16 autocast;
+   "pairs" images get the soft target 0.5/0.5 over their two classes;
+   the schedule advances by ``max(step / steps, elapsed / time budget)`` so the run ends in budget;
+3. evaluate top-1 accuracy on ``--val-size`` images of split "single" from the held-out
+   ``--val-seed`` (disjoint from the training seed), save fp16 state_dict + json + log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from captum_vit.data.shapes import CLASSES, generate
+from captum_vit.zoo.shapes import DATA_CONFIG, DEFAULT_MODEL_KWARGS, build_shapes_vit, sha256_file
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+def _gen(args):
+    seed, split, i, easy = args
+    s = generate(seed, split, i, easy=easy)
+    lab = s["label"]
+    return s["image_uint8"], (lab, lab) if split == "single" else tuple(lab)
+
+
+def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, n_easy_pairs=0):
+    t0 = time.time()
+    jobs = ([(seed, "single", i, False) for i in range(n_single)] + [(seed, "pairs", i, False) for i in range(n_pairs)]
+            + [(seed, "single", i, True) for i in range(n_easy_single)]
+            + [(seed, "pairs", i, True) for i in range(n_easy_pairs)])
+    n = len(jobs)
+    images = torch.empty((n, 224, 224, 3), dtype=torch.uint8)
+    labels = torch.empty((n, 2), dtype=torch.int64)
+    with mp.get_context("fork").Pool(workers) as pool:
+        it = pool.imap(_gen, jobs, chunksize=64)
+        if tqdm is not None:
+            it = tqdm(it, total=n, desc="cache", mininterval=5)
+        for k, (img, lab) in enumerate(it):
+            images[k] = torch.from_numpy(img)
+            labels[k, 0], labels[k, 1] = lab
+    log(f"cache: {n_single} single + {n_pairs} pairs (+ easy: {n_easy_single} single, {n_easy_pairs} pairs) "
+        f"images in {time.time() - t0:.1f}s")
+    return images, labels
+
+
+MEAN = torch.tensor(DATA_CONFIG["mean"]).view(1, 3, 1, 1)
+STD = torch.tensor(DATA_CONFIG["std"]).view(1, 3, 1, 1)
+
+
+def to_input(u8):
+    """uint8 [B,H,W,3] -> normalised float [B,3,H,W]."""
+    return (u8.permute(0, 3, 1, 2).float().div_(255.0) - MEAN) / STD
+
+
+def augment(x, g):
+    """Random dihedral transform per sample (label preserving for these shapes)."""
+    b = x.shape[0]
+    fh = torch.rand(b, generator=g) < 0.5
+    fv = torch.rand(b, generator=g) < 0.5
+    tr = torch.rand(b, generator=g) < 0.5
+    x = torch.where(fh.view(-1, 1, 1, 1), x.flip(3), x)
+    x = torch.where(fv.view(-1, 1, 1, 1), x.flip(2), x)
+    x = torch.where(tr.view(-1, 1, 1, 1), x.transpose(2, 3), x)
+    return x.contiguous()
+
+
+def soft_targets(labels, nc):
+    t = torch.zeros(labels.shape[0], nc)
+    t.scatter_add_(1, labels, torch.full(labels.shape, 0.5))
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, seed, n, split="single", bs=100, bf16=False):
+    model.eval()
+    correct = 0
+    for s in range(0, n, bs):
+        items = [generate(seed, split, i) for i in range(s, min(n, s + bs))]
+        x = to_input(torch.from_numpy(np.stack([it["image_uint8"] for it in items])))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x).float().argmax(1)
+        if split == "single":
+            y = torch.tensor([it["label"] for it in items])
+            correct += int((pred == y).sum())
+        else:
+            correct += sum(int(p) in it["label"] for p, it in zip(pred.tolist(), items))
+    return correct / n
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--val-seed", type=int, default=12345)
+    p.add_argument("--n-train", type=int, default=32000, help="cached training images in total")
+    p.add_argument("--pairs-frac", type=float, default=0.2)
+    p.add_argument("--easy-frac", type=float, default=0.3,
+                   help="fraction of the cache drawn with generate(..., easy=True) (curriculum aid)")
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--minutes", type=float, default=40.0, help="time budget for the training loop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=250)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--embed-dim", type=int, default=DEFAULT_MODEL_KWARGS["embed_dim"])
+    p.add_argument("--depth", type=int, default=DEFAULT_MODEL_KWARGS["depth"])
+    p.add_argument("--num-heads", type=int, default=DEFAULT_MODEL_KWARGS["num_heads"])
+    p.add_argument("--easy-only-frac", type=float, default=0.15,
+                   help="curriculum: the first fraction of the schedule samples easy images only")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--name", default="shapes_vit")
+    a = p.parse_args(argv)
+
+    os.makedirs(a.out, exist_ok=True)
+    log_path = os.path.join(a.out, "train_log.txt" if a.name == "shapes_vit" else a.name + "_log.txt")
+    logf = open(log_path, "w", encoding="utf-8")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        (tqdm.write if tqdm is not None else print)(line)
+        logf.write(line + "\n")
+        logf.flush()
+
+    t_start = time.time()
+    torch.manual_seed(a.train_seed)
+    np.random.seed(a.train_seed)
+    torch.set_num_threads(a.threads)
+    bf16 = not a.no_bf16
+    log(f"args: {vars(a)}")
+    log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {a.threads}")
+
+    n_easy = int(round(a.n_train * a.easy_frac))
+    n_hard = a.n_train - n_easy
+    n_pairs = int(round(n_hard * a.pairs_frac))
+    n_easy_pairs = int(round(n_easy * a.pairs_frac))
+    images, labels = build_cache(n_hard - n_pairs, n_pairs, a.train_seed, a.workers, log,
+                                 n_easy - n_easy_pairs, n_easy_pairs)
+    n = images.shape[0]
+
+    model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads)
+    model = build_shapes_vit(model_kwargs, num_classes=len(CLASSES))
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
+    decay = [p_ for n_, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_]
+    no_decay = [p_ for n_, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.999))
+    g = torch.Generator().manual_seed(a.train_seed)
+    budget = a.minutes * 60.0
+
+    def lr_at(prog, step):
+        if step < a.warmup:
+            return a.lr * (step + 1) / a.warmup
+        return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(prog, 1.0)))
+
+    t_train = time.time()
+    step, seen, epoch = 0, 0, 0
+    perm = torch.randperm(n, generator=g)
+    pos = 0
+    ep_loss, ep_correct, ep_count = 0.0, 0, 0
+    run_loss = None
+    pbar = tqdm(total=a.steps, desc="train", mininterval=10) if tqdm is not None else None
+    prog = 0.0
+    model.train()
+    while prog < 1.0:
+        if pos + a.batch_size > n:
+            epoch += 1
+            log(f"epoch {epoch}: train loss {ep_loss / max(ep_count, 1):.4f} acc {ep_correct / max(ep_count, 1):.4f} "
+                f"step {step} elapsed {time.time() - t_train:.0f}s")
+            ep_loss, ep_correct, ep_count = 0.0, 0, 0
+            perm = torch.randperm(n, generator=g)
+            pos = 0
+        if prog < a.easy_only_frac and n_easy > 0:
+            idx = n_hard + torch.randint(0, n_easy, (a.batch_size,), generator=g)
+        else:
+            idx = perm[pos:pos + a.batch_size]
+            pos += a.batch_size
+        x = augment(to_input(images[idx]), g)
+        lab = labels[idx]
+        tgt = soft_targets(lab, len(CLASSES))
+        lr = lr_at(prog, step)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), tgt, label_smoothing=a.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += x.shape[0]
+        li = float(loss.detach())
+        run_loss = li if run_loss is None else 0.98 * run_loss + 0.02 * li
+        single = lab[:, 0] == lab[:, 1]
+        pred = logits.detach().argmax(1)
+        ep_loss += li * x.shape[0]
+        ep_correct += int((pred[single] == lab[single, 0]).sum()) + int(
+            ((pred[~single] == lab[~single, 0]) | (pred[~single] == lab[~single, 1])).sum())
+        ep_count += x.shape[0]
+        elapsed = time.time() - t_train
+        prog = max(step / a.steps, elapsed / budget)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{lr:.2e}", ips=f"{seen / elapsed:.1f}", refresh=False)
+        if step % 50 == 0:
+            log(f"step {step} loss(ema) {run_loss:.4f} lr {lr:.2e} img/s {seen / elapsed:.1f} prog {prog:.3f}")
+        if a.eval_every and step % a.eval_every == 0:
+            acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)  # quick check on a *different* seed
+            model.train()
+            log(f"step {step}: quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}")
+    if pbar is not None:
+        pbar.close()
+    train_time = time.time() - t_train
+    if ep_count:
+        log(f"epoch {epoch + 1} (partial): train loss {ep_loss / ep_count:.4f} acc {ep_correct / ep_count:.4f}")
+    log(f"training: {step} steps, {seen} images, {train_time:.0f}s, {seen / train_time:.1f} img/s, "
+        f"final loss(ema) {run_loss:.4f}")
+
+    model.eval()
+    acc = evaluate(model, a.val_seed, a.val_size, bf16=False)
+    acc_pairs = evaluate(model, a.val_seed, min(a.val_size, 500), split="pairs", bf16=False)
+    log(f"held-out accuracy (split single, seed {a.val_seed}, first {a.val_size} images): {acc:.4f}")
+    log(f"held-out pairs top-1-in-pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_pairs:.4f}")
+
+    wpath = os.path.join(a.out, a.name + ".pth")
+    state = {k: v.detach().half() if torch.is_floating_point(v) else v for k, v in model.state_dict().items()}
+    torch.save(state, wpath)
+    # the accuracy of the fp16-rounded weights is what ships: re-evaluate them
+    from captum_vit.zoo.shapes import build_shapes_vit as _b
+    m2 = _b(model_kwargs, num_classes=len(CLASSES))
+    m2.load_state_dict({k: v.float() for k, v in torch.load(wpath, weights_only=True).items()})
+    acc16 = evaluate(m2.eval(), a.val_seed, a.val_size, bf16=False)
+    log(f"held-out accuracy of the saved fp16 weights (fp32 compute): {acc16:.4f}")
+    cfg = {
+        "name": a.name,
+        "arch": "timm.models.vision_transformer.VisionTransformer",
+        "model_kwargs": dict(model_kwargs, num_classes=len(CLASSES)),
+        "classes": list(CLASSES),
+        "data_config": DATA_CONFIG,
+        "dataset": {"class": "captum_vit.data.ShapesDataset", "image_size": 224,
+                    "train": {"seed": a.train_seed, "single": n_hard - n_pairs, "pairs": n_pairs,
+                              "easy_single": n_easy - n_easy_pairs, "easy_pairs": n_easy_pairs,
+                              "note": "items 0..N-1 of each split; easy = generate(..., easy=True)"},
+                    "val": {"seed": a.val_seed, "split": "single", "size": a.val_size}},
+        "training": {"steps": step, "images_seen": seen, "batch_size": a.batch_size, "lr": a.lr,
+                     "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
+                     "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,
+                     "augment": "random hflip/vflip/transpose", "pairs_target": "0.5/0.5",
+                     "curriculum": f"easy images only for the first {a.easy_only_frac:.0%} of the schedule",
+                     "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_time, 1),
+                     "images_per_s": round(seen / train_time, 1), "final_train_loss_ema": round(run_loss, 4),
+                     "torch": torch.__version__},
+        "heldout_accuracy": acc16,
+        "heldout_accuracy_fp32_before_fp16": acc,
+        "heldout_pairs_top1_in_pair": acc_pairs,
+        "weights": os.path.basename(wpath),
+        "weights_dtype": "float16",
+        "sha256": sha256_file(wpath),
+    }
+    with open(os.path.join(a.out, a.name + ".json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    log(f"saved {wpath} ({os.path.getsize(wpath) / 1e6:.2f} MB), total wall time {time.time() - t_start:.0f}s")
+    logf.close()
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
