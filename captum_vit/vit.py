@@ -337,7 +337,8 @@ class TimmViTAdapter(ViTAdapter):
             self.pooling = model.global_pool or "none"
         pe = model.patch_embed
         self.patch_size = tuple(pe.patch_size)
-        self.in_chans = pe.proj.in_channels
+        # The first convolution reads the image (a linear patch projection or a convolutional stem).
+        self.in_chans = next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels
 
     @property
     def num_classes(self) -> int:

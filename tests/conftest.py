@@ -35,6 +35,10 @@ def make_timm(variant: str):
         m = VisionTransformer(**kw, dynamic_img_size=True)
     elif variant == "scale_norm":  # attention output normalised: one-token engine does not apply
         m = VisionTransformer(**kw, scale_attn_norm=True)
+    elif variant == "convstem":  # the shipped model's architecture: convolutional stem, same token grid
+        from captum_vit.zoo.shapes import build_shapes_vit
+
+        m = build_shapes_vit(dict(img_size=64, patch_size=16, embed_dim=48, depth=3, num_heads=4, stem="conv"), 10)
     elif variant == "avgpool":
         m = VisionTransformer(**kw, class_token=False, global_pool="avg")
     else:
@@ -58,7 +62,7 @@ def input_for(variant: str, batch: int = 3, seed: int = 1):
     return torch.randn(batch, 3, h, w, generator=g)
 
 
-ARCHS = ["plain", "qk_norm", "layerscale", "distilled", "registers", "dynamic", "hf"]
+ARCHS = ["plain", "qk_norm", "layerscale", "distilled", "registers", "dynamic", "convstem", "hf"]
 
 
 def make(variant: str):

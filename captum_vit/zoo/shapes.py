@@ -60,12 +60,43 @@ def load_config(path: Optional[str] = None) -> Dict[str, Any]:
         return json.load(f)
 
 
+def _conv_stem_embed():
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        """timm ``PatchEmbed`` whose linear 16x16 projection is replaced by a convolutional stem.
+
+        Four 3x3 stride-2 convolutions (BatchNorm, ReLU) and a 1x1 projection: the same 14x14 token
+        grid at 224 (stride 16), as in "Early Convolutions Help Transformers See Better" (Xiao et
+        al., 2021). It lets the small ViT train on a 2-core CPU in well under an hour.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            in_chans, dim = self.proj.in_channels, self.proj.out_channels
+            chs = [in_chans, dim // 8, dim // 4, dim // 2, dim]
+            layers = []
+            for i in range(4):
+                layers += [torch.nn.Conv2d(chs[i], chs[i + 1], 3, 2, 1, bias=False),
+                           torch.nn.BatchNorm2d(chs[i + 1]), torch.nn.ReLU(inplace=True)]
+            layers.append(torch.nn.Conv2d(dim, dim, 1))
+            self.proj = torch.nn.Sequential(*layers)
+
+    return ConvStemPatchEmbed
+
+
 def build_shapes_vit(model_kwargs: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None):
-    """An untrained ``timm`` VisionTransformer with the shapes architecture."""
+    """An untrained ``timm`` VisionTransformer with the shapes architecture.
+
+    ``model_kwargs`` are VisionTransformer arguments plus ``stem``: ``"patch"`` (timm's linear
+    16x16 patch embedding) or ``"conv"`` (:class:`ConvStemPatchEmbed`, same 14x14 grid).
+    """
     from timm.models.vision_transformer import VisionTransformer
 
     kw = dict(DEFAULT_MODEL_KWARGS)
     kw.update(model_kwargs or {})
+    if kw.pop("stem", "patch") == "conv":
+        kw["embed_layer"] = _conv_stem_embed()
     kw["num_classes"] = int(num_classes if num_classes is not None else kw.get("num_classes", len(SHAPES_CLASSES)))
     return VisionTransformer(**kw)
 

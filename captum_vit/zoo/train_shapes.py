@@ -37,11 +37,21 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
+def patch_labels(masks, instance_labels, grid=14, patch=16):
+    """Per-patch class (0 = background, 1 + c = shape class c) by majority coverage."""
+    cov = np.zeros((len(CLASSES) + 1, grid, grid), np.float32)
+    for m, c in zip(masks, instance_labels):
+        cov[1 + int(c)] += m.reshape(grid, patch, grid, patch).mean((1, 3))
+    cov[0] = 1.0 - cov[1:].sum(0)
+    return cov.argmax(0).astype(np.uint8)
+
+
 def _gen(args):
     seed, split, i, easy = args
     s = generate(seed, split, i, easy=easy)
     lab = s["label"]
-    return s["image_uint8"], (lab, lab) if split == "single" else tuple(lab)
+    return (s["image_uint8"], (lab, lab) if split == "single" else tuple(lab),
+            patch_labels(s["masks"], s["instance_labels"]))
 
 
 def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, n_easy_pairs=0):
@@ -52,16 +62,18 @@ def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, 
     n = len(jobs)
     images = torch.empty((n, 224, 224, 3), dtype=torch.uint8)
     labels = torch.empty((n, 2), dtype=torch.int64)
+    plabels = torch.empty((n, 14, 14), dtype=torch.uint8)
     with mp.get_context("fork").Pool(workers) as pool:
         it = pool.imap(_gen, jobs, chunksize=64)
         if tqdm is not None:
             it = tqdm(it, total=n, desc="cache", mininterval=5)
-        for k, (img, lab) in enumerate(it):
+        for k, (img, lab, pl) in enumerate(it):
             images[k] = torch.from_numpy(img)
+            plabels[k] = torch.from_numpy(pl)
             labels[k, 0], labels[k, 1] = lab
     log(f"cache: {n_single} single + {n_pairs} pairs (+ easy: {n_easy_single} single, {n_easy_pairs} pairs) "
         f"images in {time.time() - t0:.1f}s")
-    return images, labels
+    return images, labels, plabels
 
 
 MEAN = torch.tensor(DATA_CONFIG["mean"]).view(1, 3, 1, 1)
@@ -73,8 +85,9 @@ def to_input(u8):
     return (u8.permute(0, 3, 1, 2).float().div_(255.0) - MEAN) / STD
 
 
-def augment(x, g):
-    """Random dihedral transform per sample (label preserving for these shapes)."""
+def augment(x, g, pl=None):
+    """Random dihedral transform per sample (label preserving for these shapes); the per-patch
+    label map ``pl`` [B, 14, 14] gets the same transform (224 = 14 x 16, so they stay aligned)."""
     b = x.shape[0]
     fh = torch.rand(b, generator=g) < 0.5
     fv = torch.rand(b, generator=g) < 0.5
@@ -82,6 +95,11 @@ def augment(x, g):
     x = torch.where(fh.view(-1, 1, 1, 1), x.flip(3), x)
     x = torch.where(fv.view(-1, 1, 1, 1), x.flip(2), x)
     x = torch.where(tr.view(-1, 1, 1, 1), x.transpose(2, 3), x)
+    if pl is not None:
+        pl = torch.where(fh.view(-1, 1, 1), pl.flip(2), pl)
+        pl = torch.where(fv.view(-1, 1, 1), pl.flip(1), pl)
+        pl = torch.where(tr.view(-1, 1, 1), pl.transpose(1, 2), pl)
+        return x.contiguous(), pl.contiguous()
     return x.contiguous()
 
 
@@ -136,6 +154,12 @@ def main(argv=None):
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--name", default="shapes_vit")
+    p.add_argument("--stem", default="conv", choices=["conv", "patch"],
+                   help="patch embedding: convolutional stem (default) or timm's linear 16x16 projection")
+    p.add_argument("--init", default=None, help="start from these weights (a state_dict .pth) instead of random init")
+    p.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of an auxiliary per-patch shape/background loss on the patch tokens (a linear "
+                        "head used only during training, not shipped); 0 disables it")
     a = p.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
@@ -160,17 +184,23 @@ def main(argv=None):
     n_hard = a.n_train - n_easy
     n_pairs = int(round(n_hard * a.pairs_frac))
     n_easy_pairs = int(round(n_easy * a.pairs_frac))
-    images, labels = build_cache(n_hard - n_pairs, n_pairs, a.train_seed, a.workers, log,
+    images, labels, plabels = build_cache(n_hard - n_pairs, n_pairs, a.train_seed, a.workers, log,
                                  n_easy - n_easy_pairs, n_easy_pairs)
     n = images.shape[0]
 
-    model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads)
+    model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
+                        stem=a.stem)
     model = build_shapes_vit(model_kwargs, num_classes=len(CLASSES))
+    if a.init:
+        model.load_state_dict({k: v.float() for k, v in torch.load(a.init, weights_only=True).items()})
+        log(f"initialised from {a.init}")
+    aux_head = torch.nn.Linear(a.embed_dim, len(CLASSES) + 1)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
     decay = [p_ for n_, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_]
     no_decay = [p_ for n_, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.999))
+                             {"params": no_decay + list(aux_head.parameters()), "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.999))
     g = torch.Generator().manual_seed(a.train_seed)
     budget = a.minutes * 60.0
 
@@ -201,15 +231,19 @@ def main(argv=None):
         else:
             idx = perm[pos:pos + a.batch_size]
             pos += a.batch_size
-        x = augment(to_input(images[idx]), g)
+        x, pl = augment(to_input(images[idx]), g, plabels[idx].long())
         lab = labels[idx]
         tgt = soft_targets(lab, len(CLASSES))
         lr = lr_at(prog, step)
         for grp in opt.param_groups:
             grp["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
+            feats = model.forward_features(x)
+            logits = model.forward_head(feats)
+            aux = aux_head(feats[:, model.num_prefix_tokens:]) if a.aux_weight else None
         loss = F.cross_entropy(logits.float(), tgt, label_smoothing=a.label_smoothing)
+        if aux is not None:
+            loss = loss + a.aux_weight * F.cross_entropy(aux.float().reshape(-1, aux.shape[-1]), pl.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
