@@ -126,14 +126,10 @@ def test_resolve_methods_and_arguments():
 
 
 def test_demo_with_the_shipped_model(tmp_path):
-    zoo = pytest.importorskip("captum_vit.zoo")
-    pytest.importorskip("captum_vit.attr.agcam")
-    if not os.path.isfile(getattr(zoo.shapes, "WEIGHTS_PATH", "")):
-        pytest.skip("shapes_vit weights not shipped yet")
     stream = io.StringIO()
     scores = run_demo(n=16, seed=2024, out=str(tmp_path), methods=["agcam"], batch_size=8, gallery_rows=2,
                       progress=False, stream=stream)
-    assert scores["accuracy"] > 0.5
+    assert scores["accuracy"] > 0.8
     assert scores["n_evaluated"] == scores["n_correct"] > 0
     assert "agcam" in stream.getvalue()
     assert (tmp_path / "gallery.png").exists() and (tmp_path / "scores.json").exists()

@@ -11,11 +11,6 @@ from captum_vit.zoo.shapes import CONFIG_PATH, WEIGHTS_PATH, load_config
 
 HELDOUT_SEED = 12345  # disjoint from the training seed 0 (see shapes_vit.json)
 
-if not (os.path.isfile(WEIGHTS_PATH) and os.path.isfile(CONFIG_PATH)):
-    pytest.skip("captum_vit/zoo/shapes_vit.pth / .json not trained yet "
-                "(python -m captum_vit.zoo.train_shapes --out captum_vit/zoo)", allow_module_level=True)
-
-
 @pytest.fixture(scope="module")
 def loaded():
     return shapes_vit()
