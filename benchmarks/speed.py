@@ -31,7 +31,6 @@ from captum_vit.vit import adapt  # noqa: E402
 
 def official_way(model, x, targets):
     """Per-image forward + backward, weights requiring grad, as the official code runs."""
-    model = model  # already a requires_grad copy
     adapter = adapt(model)
     P = adapter.num_prefix_tokens
     maps = []
