@@ -246,6 +246,20 @@ def _place(rng: np.random.Generator, placed: List[Tuple[int, int, int, int]], h:
     return None
 
 
+def _place_shape(rng: np.random.Generator, cls: int, lo: float, hi: float,
+                 placed: List[Tuple[int, int, int, int]], S: int):
+    """Draw a shape of class ``cls`` (size in [lo, hi) at 224 px) and a free spot for it, shrinking it
+    by 15% per failed try (8 tries). Returns ``(mask, box)`` or ``None``."""
+    size = float(rng.uniform(lo, hi)) * S / 224
+    for _ in range(8):
+        m = _shape_mask(CLASSES[cls], rng, size)
+        box = _place(rng, placed, m.shape[0], m.shape[1], S)
+        if box is not None:
+            return m, box
+        size *= 0.85
+    return None
+
+
 def generate(seed: int, split: str, index: int, image_size: int = 224, easy: bool = False) -> Dict[str, object]:
     """Render item ``index`` of ``split`` for ``seed`` as plain numpy arrays.
 
@@ -283,16 +297,10 @@ def generate(seed: int, split: str, index: int, image_size: int = 224, easy: boo
     masks: List[np.ndarray] = []
     labels: List[int] = []
     for cls in want:
-        size = float(rng.uniform(lo, hi)) * S / 224
-        box = None
-        for _ in range(8):
-            m = _shape_mask(CLASSES[cls], rng, size)
-            box = _place(rng, boxes, m.shape[0], m.shape[1], S)
-            if box is not None:
-                break
-            size *= 0.85
-        if box is None:
+        placed = _place_shape(rng, cls, lo, hi, boxes, S)
+        if placed is None:
             continue
+        m, box = placed
         x0, y0, x1, y1 = box
         region = img[y0:y1 + 1, x0:x1 + 1]
         # a colour that contrasts with the local background
@@ -343,16 +351,10 @@ def _generate_easy(seed: int, split: str, index: int, S: int) -> Dict[str, objec
     masks: List[np.ndarray] = []
     labels: List[int] = []
     for cls in want:
-        size = float(rng.uniform(lo, hi)) * S / 224
-        box = None
-        for _ in range(8):
-            m = _shape_mask(CLASSES[cls], rng, size)
-            box = _place(rng, boxes, m.shape[0], m.shape[1], S)
-            if box is not None:
-                break
-            size *= 0.85
-        if box is None:
+        placed = _place_shape(rng, cls, lo, hi, boxes, S)
+        if placed is None:
             continue
+        m, box = placed
         x0, y0, x1, y1 = box
         region = img[y0:y1 + 1, x0:x1 + 1]
         bg_mean = region[m].mean(0)
