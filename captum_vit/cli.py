@@ -60,9 +60,8 @@ def explain(
         with torch.no_grad():
             probs = net(x).softmax(-1)
         pred = probs.argmax(-1)
-        tgt = pred if target is None else target
-        cams = agcam.attribute(x, target=tgt)
         tgt_t = pred if target is None else torch.full_like(pred, target)
+        cams = agcam.attribute(x, target=tgt_t)
         for i, path in enumerate(paths):
             c = int(tgt_t[i])
             stem = os.path.splitext(os.path.basename(path))[0]
