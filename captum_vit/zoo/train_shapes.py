@@ -2,16 +2,25 @@
 
     python -m captum_vit.zoo.train_shapes --out captum_vit/zoo
 
+The shipped weights come from a chain of runs, each started with ``--init`` from the one before;
+``shapes_vit.json`` ("lineage") and ``train_log.txt`` record every run's arguments.
+
 CPU only. Steps:
 1. pre-generate a uint8 cache of training images in RAM (``ShapesDataset`` split "single" with
    ``--train-seed`` plus a fraction ``--pairs-frac`` of split "pairs" with the same seed), with a
    multiprocessing pool;
 2. train a timm VisionTransformer (config in ``shapes_vit.json``) with AdamW, linear warmup + cosine
    decay, label smoothing, random flips / 90-degree rotations (all label preserving), bf16 autocast;
-   "pairs" images get the soft target 0.5/0.5 over their two classes;
+   with ``--loss softmax`` "pairs" images get the soft target 0.5/0.5 over their two classes, with
+   ``--loss bce`` every class is an independent sigmoid (multi-label: both classes of a pair are
+   positive), which keeps the logit of one class free of the other's evidence;
+   an auxiliary per-patch shape/background loss on the patch tokens (``--aux-weight``; with
+   ``--aux-blocks N`` also on the tokens leaving the blocks before the last, "deep token labelling",
+   through heads that are not shipped) keeps each token about its own patch;
    the schedule advances by ``max(step / steps, elapsed / time budget)`` so the run ends in budget;
 3. evaluate top-1 accuracy on ``--val-size`` images of split "single" from the held-out
-   ``--val-seed`` (disjoint from the training seed), save fp16 state_dict + json + log.
+   ``--val-seed`` (disjoint from the training seed), save fp16 state_dict + json + log;
+   ``--spec-every`` monitors AGCAM class-specificity on seed ``--val-seed + 2`` during training.
 """
 
 from __future__ import annotations
@@ -109,6 +118,23 @@ def soft_targets(labels, nc):
     return t
 
 
+def multi_hot(labels, nc):
+    """[B, 2] label pairs (a single-class image repeats its label) -> multi-hot [B, nc]."""
+    t = torch.zeros(labels.shape[0], nc)
+    t.scatter_(1, labels, 1.0)
+    return t
+
+
+def classification_loss(logits, labels, kind, label_smoothing):
+    nc = logits.shape[-1]
+    if kind == "softmax":
+        return F.cross_entropy(logits, soft_targets(labels, nc), label_smoothing=label_smoothing)
+    t = multi_hot(labels, nc)
+    t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    # sum over classes, mean over the batch: the scale of a cross entropy, so lr settings carry over
+    return F.binary_cross_entropy_with_logits(logits, t, reduction="sum") / logits.shape[0]
+
+
 @torch.no_grad()
 def evaluate(model, seed, n, split="single", bs=100, bf16=False):
     model.eval()
@@ -124,6 +150,52 @@ def evaluate(model, seed, n, split="single", bs=100, bf16=False):
         else:
             correct += sum(int(p) in it["label"] for p, it in zip(pred.tolist(), items))
     return correct / n
+
+
+def class_specificity_rates(model, seed, n=150, bs=50):
+    """AGCAM class-specificity on "pairs" images (the rule of ``tests/test_semantics.py``): the
+    fraction of images whose map for class a has more mass inside a's masks than inside b's, and
+    the same for b. Used only to monitor training, on a seed the tests do not use."""
+    from captum_vit import AGCAM
+    from captum_vit.metrics import mass_inside
+
+    model.eval()
+    agcam = AGCAM(model)
+    wins_a, wins_b, count = 0, 0, 0
+    for s in range(0, n, bs):
+        items = [generate(seed, "pairs", i) for i in range(s, min(n, s + bs))]
+        keep, ma, mb = [], [], []
+        for k, it in enumerate(items):
+            a_, b_ = it["label"]
+            il = it["instance_labels"]
+            if (il == a_).any() and (il == b_).any():
+                keep.append(k)
+                ma.append(torch.from_numpy(it["masks"][il == a_].any(0)))
+                mb.append(torch.from_numpy(it["masks"][il == b_].any(0)))
+        if not keep:
+            continue
+        x = to_input(torch.from_numpy(np.stack([items[k]["image_uint8"] for k in keep])))
+        ta = torch.tensor([items[k]["label"][0] for k in keep])
+        tb = torch.tensor([items[k]["label"][1] for k in keep])
+        ma, mb = torch.stack(ma), torch.stack(mb)
+        map_a, map_b = agcam.attribute(x, target=ta).detach(), agcam.attribute(x, target=tb).detach()
+        wins_a += int((mass_inside(map_a, ma) > mass_inside(map_a, mb)).sum())
+        wins_b += int((mass_inside(map_b, mb) > mass_inside(map_b, ma)).sum())
+        count += len(keep)
+    return wins_a / max(count, 1), wins_b / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_pairs_top2(model, seed, n, bs=100):
+    """Fraction of "pairs" images whose two largest logits are exactly the pair's two classes."""
+    model.eval()
+    hit = 0
+    for s in range(0, n, bs):
+        items = [generate(seed, "pairs", i) for i in range(s, min(n, s + bs))]
+        x = to_input(torch.from_numpy(np.stack([it["image_uint8"] for it in items])))
+        top2 = model(x).float().topk(2, dim=1).indices.tolist()
+        hit += sum(set(t) == set(it["label"]) for t, it in zip(top2, items))
+    return hit / n
 
 
 def main(argv=None):
@@ -154,12 +226,21 @@ def main(argv=None):
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--name", default="shapes_vit")
+    p.add_argument("--spec-every", type=int, default=0,
+                   help="every N steps log AGCAM class-specificity on 150 pairs images of seed --val-seed + 2 "
+                        "and save a snapshot <name>_step<N>.pth (0: off)")
     p.add_argument("--stem", default="conv", choices=["conv", "patch"],
                    help="patch embedding: convolutional stem (default) or timm's linear 16x16 projection")
     p.add_argument("--init", default=None, help="start from these weights (a state_dict .pth) instead of random init")
+    p.add_argument("--loss", default="softmax", choices=["softmax", "bce"],
+                   help="softmax cross entropy (pairs: 0.5/0.5 soft target) or multi-label sigmoid BCE")
     p.add_argument("--aux-weight", type=float, default=0.5,
                    help="weight of an auxiliary per-patch shape/background loss on the patch tokens (a linear "
                         "head used only during training, not shipped); 0 disables it")
+    p.add_argument("--aux-blocks", type=int, default=0,
+                   help="also apply the per-patch loss (LayerNorm + linear head each, not shipped) to the patch "
+                        "tokens leaving each of the last N-1 blocks before the final one (deep token labelling); "
+                        "the loss is averaged over the supervised depths")
     a = p.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
@@ -195,11 +276,19 @@ def main(argv=None):
         model.load_state_dict({k: v.float() for k, v in torch.load(a.init, weights_only=True).items()})
         log(f"initialised from {a.init}")
     aux_head = torch.nn.Linear(a.embed_dim, len(CLASSES) + 1)
+    deep_idx = list(range(len(model.blocks) - a.aux_blocks, len(model.blocks) - 1)) if a.aux_blocks > 1 else []
+    deep_heads = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(a.embed_dim),
+                                                         torch.nn.Linear(a.embed_dim, len(CLASSES) + 1))
+                                     for _ in deep_idx)
+    deep_out = {}
+    for k in deep_idx:
+        model.blocks[k].register_forward_hook(lambda m, i, o, k=k: deep_out.__setitem__(k, o))
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
     decay = [p_ for n_, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_]
     no_decay = [p_ for n_, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay + list(aux_head.parameters()), "weight_decay": 0.0}],
+                             {"params": no_decay + list(aux_head.parameters()) + list(deep_heads.parameters()),
+                              "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.999))
     g = torch.Generator().manual_seed(a.train_seed)
     budget = a.minutes * 60.0
@@ -233,7 +322,6 @@ def main(argv=None):
             pos += a.batch_size
         x, pl = augment(to_input(images[idx]), g, plabels[idx].long())
         lab = labels[idx]
-        tgt = soft_targets(lab, len(CLASSES))
         lr = lr_at(prog, step)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -241,9 +329,11 @@ def main(argv=None):
             feats = model.forward_features(x)
             logits = model.forward_head(feats)
             aux = aux_head(feats[:, model.num_prefix_tokens:]) if a.aux_weight else None
-        loss = F.cross_entropy(logits.float(), tgt, label_smoothing=a.label_smoothing)
+            deep = [hd(deep_out[k][:, model.num_prefix_tokens:]) for k, hd in zip(deep_idx, deep_heads)]
+        loss = classification_loss(logits.float(), lab, a.loss, a.label_smoothing)
         if aux is not None:
-            loss = loss + a.aux_weight * F.cross_entropy(aux.float().reshape(-1, aux.shape[-1]), pl.reshape(-1))
+            aux_losses = [F.cross_entropy(t.float().reshape(-1, t.shape[-1]), pl.reshape(-1)) for t in [aux] + deep]
+            loss = loss + a.aux_weight * sum(aux_losses) / len(aux_losses)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -269,6 +359,14 @@ def main(argv=None):
             acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)  # quick check on a *different* seed
             model.train()
             log(f"step {step}: quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}")
+        if a.spec_every and step % a.spec_every == 0:
+            ra, rb = class_specificity_rates(model, a.val_seed + 2)
+            acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)
+            model.train()
+            torch.save({k: v.detach().half() if torch.is_floating_point(v) else v
+                        for k, v in model.state_dict().items()}, os.path.join(a.out, f"{a.name}_step{step}.pth"))
+            log(f"step {step}: AGCAM class-specificity (150 pairs, seed {a.val_seed + 2}) {ra:.3f} / {rb:.3f}, "
+                f"quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}; snapshot saved")
     if pbar is not None:
         pbar.close()
     train_time = time.time() - t_train
@@ -281,7 +379,9 @@ def main(argv=None):
     acc = evaluate(model, a.val_seed, a.val_size, bf16=False)
     acc_pairs = evaluate(model, a.val_seed, min(a.val_size, 500), split="pairs", bf16=False)
     log(f"held-out accuracy (split single, seed {a.val_seed}, first {a.val_size} images): {acc:.4f}")
+    acc_top2 = evaluate_pairs_top2(model, a.val_seed, min(a.val_size, 500))
     log(f"held-out pairs top-1-in-pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_pairs:.4f}")
+    log(f"held-out pairs top-2 == pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_top2:.4f}")
 
     wpath = os.path.join(a.out, a.name + ".pth")
     state = {k: v.detach().half() if torch.is_floating_point(v) else v for k, v in model.state_dict().items()}
@@ -306,7 +406,8 @@ def main(argv=None):
         "training": {"steps": step, "images_seen": seen, "batch_size": a.batch_size, "lr": a.lr,
                      "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
                      "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,
-                     "augment": "random hflip/vflip/transpose", "pairs_target": "0.5/0.5",
+                     "augment": "random hflip/vflip/transpose", "loss": a.loss,
+                     "pairs_target": "0.5/0.5 soft target" if a.loss == "softmax" else "multi-hot (both classes)",
                      "curriculum": f"easy images only for the first {a.easy_only_frac:.0%} of the schedule",
                      "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_time, 1),
                      "images_per_s": round(seen / train_time, 1), "final_train_loss_ema": round(run_loss, 4),
@@ -314,6 +415,7 @@ def main(argv=None):
         "heldout_accuracy": acc16,
         "heldout_accuracy_fp32_before_fp16": acc,
         "heldout_pairs_top1_in_pair": acc_pairs,
+        "heldout_pairs_top2_is_pair": acc_top2,
         "weights": os.path.basename(wpath),
         "weights_dtype": "float16",
         "sha256": sha256_file(wpath),
