@@ -118,6 +118,11 @@ def soft_targets(labels, nc):
     return t
 
 
+def fp16_state(model):
+    """The model's state_dict with floating-point tensors stored as fp16 (what ships)."""
+    return {k: v.detach().half() if torch.is_floating_point(v) else v for k, v in model.state_dict().items()}
+
+
 def multi_hot(labels, nc):
     """[B, 2] label pairs (a single-class image repeats its label) -> multi-hot [B, nc]."""
     t = torch.zeros(labels.shape[0], nc)
@@ -363,8 +368,7 @@ def main(argv=None):
             ra, rb = class_specificity_rates(model, a.val_seed + 2)
             acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)
             model.train()
-            torch.save({k: v.detach().half() if torch.is_floating_point(v) else v
-                        for k, v in model.state_dict().items()}, os.path.join(a.out, f"{a.name}_step{step}.pth"))
+            torch.save(fp16_state(model), os.path.join(a.out, f"{a.name}_step{step}.pth"))
             log(f"step {step}: AGCAM class-specificity (150 pairs, seed {a.val_seed + 2}) {ra:.3f} / {rb:.3f}, "
                 f"quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}; snapshot saved")
     if pbar is not None:
@@ -384,8 +388,7 @@ def main(argv=None):
     log(f"held-out pairs top-2 == pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_top2:.4f}")
 
     wpath = os.path.join(a.out, a.name + ".pth")
-    state = {k: v.detach().half() if torch.is_floating_point(v) else v for k, v in model.state_dict().items()}
-    torch.save(state, wpath)
+    torch.save(fp16_state(model), wpath)
     # the accuracy of the fp16-rounded weights is what ships: re-evaluate them
     from captum_vit.zoo.shapes import build_shapes_vit as _b
     m2 = _b(model_kwargs, num_classes=len(CLASSES))
