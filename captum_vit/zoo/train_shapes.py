@@ -140,13 +140,18 @@ def classification_loss(logits, labels, kind, label_smoothing):
     return F.binary_cross_entropy_with_logits(logits, t, reduction="sum") / logits.shape[0]
 
 
+def held_out_batches(seed, split, n, bs):
+    """Items 0..n-1 of ``split`` for ``seed`` in batches: yields (items, normalised images [B,3,H,W])."""
+    for s in range(0, n, bs):
+        items = [generate(seed, split, i) for i in range(s, min(n, s + bs))]
+        yield items, to_input(torch.from_numpy(np.stack([it["image_uint8"] for it in items])))
+
+
 @torch.no_grad()
 def evaluate(model, seed, n, split="single", bs=100, bf16=False):
     model.eval()
     correct = 0
-    for s in range(0, n, bs):
-        items = [generate(seed, split, i) for i in range(s, min(n, s + bs))]
-        x = to_input(torch.from_numpy(np.stack([it["image_uint8"] for it in items])))
+    for items, x in held_out_batches(seed, split, n, bs):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).float().argmax(1)
         if split == "single":
@@ -167,8 +172,7 @@ def class_specificity_rates(model, seed, n=150, bs=50):
     model.eval()
     agcam = AGCAM(model)
     wins_a, wins_b, count = 0, 0, 0
-    for s in range(0, n, bs):
-        items = [generate(seed, "pairs", i) for i in range(s, min(n, s + bs))]
+    for items, x_all in held_out_batches(seed, "pairs", n, bs):
         keep, ma, mb = [], [], []
         for k, it in enumerate(items):
             a_, b_ = it["label"]
@@ -179,7 +183,7 @@ def class_specificity_rates(model, seed, n=150, bs=50):
                 mb.append(torch.from_numpy(it["masks"][il == b_].any(0)))
         if not keep:
             continue
-        x = to_input(torch.from_numpy(np.stack([items[k]["image_uint8"] for k in keep])))
+        x = x_all[keep]
         ta = torch.tensor([items[k]["label"][0] for k in keep])
         tb = torch.tensor([items[k]["label"][1] for k in keep])
         ma, mb = torch.stack(ma), torch.stack(mb)
@@ -195,9 +199,7 @@ def evaluate_pairs_top2(model, seed, n, bs=100):
     """Fraction of "pairs" images whose two largest logits are exactly the pair's two classes."""
     model.eval()
     hit = 0
-    for s in range(0, n, bs):
-        items = [generate(seed, "pairs", i) for i in range(s, min(n, s + bs))]
-        x = to_input(torch.from_numpy(np.stack([it["image_uint8"] for it in items])))
+    for items, x in held_out_batches(seed, "pairs", n, bs):
         top2 = model(x).float().topk(2, dim=1).indices.tolist()
         hit += sum(set(t) == set(it["label"]) for t, it in zip(top2, items))
     return hit / n
