@@ -122,10 +122,9 @@ def _transform(pts: np.ndarray, scale: float, aspect: float, angle: float) -> np
     return p @ np.array([[c, s], [-s, c]])
 
 
-def _shape_mask(cls: str, rng: np.random.Generator, size: float, outlines=None) -> np.ndarray:
-    """Boolean mask (tight) of one shape instance whose longest side is about ``size`` px
-    (``outlines``: name -> ``f(rng) -> (outer, hole)``, the label shapes by default)."""
-    outer, hole = (_SHAPES if outlines is None else outlines)[cls](rng)
+def _shape_mask(cls: str, rng: np.random.Generator, size: float) -> np.ndarray:
+    """Boolean mask (tight) of one shape instance whose longest side is about ``size`` px."""
+    outer, hole = _SHAPES[cls](rng)
     aspect = float(np.exp(rng.uniform(math.log(0.75), math.log(1.33))))
     angle = float(rng.uniform(0, 2 * math.pi))
     o = _transform(outer, 1.0, aspect, angle)

@@ -55,63 +55,19 @@ def patch_labels(masks, instance_labels, grid=14, patch=16):
     return cov.argmax(0).astype(np.uint8)
 
 
-#: Outlines of "unknown" objects, unlike every label shape; only for --unknown-frac negatives.
-_UNKNOWN_OUTLINES = {
-    "arrow": lambda rng: (np.array([[-1, -.3], [.2, -.3], [.2, -.75], [1, 0], [.2, .75], [.2, .3], [-1, .3]]), None),
-    "ell": lambda rng: (np.array([[-.6, -1], [-.1, -1], [-.1, .5], [.6, .5], [.6, 1], [-.6, 1]]), None),
-    "bar": lambda rng: (np.array([[-1, -.22], [1, -.22], [1, .22], [-1, .22]]), None),
-    "chevron": lambda rng: (np.array([[-1, -1], [0, -.2], [1, -1], [1, -.35], [0, .65], [-1, -.35]]), None),
-}
-
-
-def generate_unknown(seed, index, image_size=224):
-    """A training negative: the benchmark's backgrounds and clutter with 1-3 objects of shapes that
-    are no label class (arrow, L, bar, chevron), painted like label instances. Its target is "no
-    class": objects alone must not raise any logit. uint8 HxWx3; not part of the public benchmark."""
-    from captum_vit.data import shapes as sh
-
-    S = int(image_size)
-    rng = np.random.default_rng([int(seed), 50, int(index)])
-    bgimg = sh.Image.fromarray(np.clip(sh._background(rng, S), 0, 255).astype(np.uint8))
-    if rng.random() < 0.7:
-        sh._clutter(rng, bgimg, S)
-    img = np.asarray(bgimg, dtype=np.float32).copy()
-    n = int(rng.integers(1, 4))
-    lo, hi = {1: (56, 90), 2: (48, 88), 3: (42, 78)}[n]
-    names = sorted(_UNKNOWN_OUTLINES)
-    placed = []
-    for _ in range(n):
-        m = sh._shape_mask(names[int(rng.integers(len(names)))], rng, float(rng.uniform(lo, hi)) * S / 224,
-                           outlines=_UNKNOWN_OUTLINES)
-        box = sh._place(rng, placed, m.shape[0], m.shape[1], S)
-        if box is None:
-            continue
-        region = img[box[1]:box[3] + 1, box[0]:box[2] + 1]
-        cands = rng.integers(0, 256, (6, 3)).astype(np.float32)
-        c1 = cands[int(np.argmax(np.abs(cands - region[m].mean(0)).sum(1)))]
-        c2 = np.clip(c1 + rng.uniform(35, 70) * np.where(c1 > 127, -1.0, 1.0), 0, 255).astype(np.float32)
-        tex = sh._texture(rng, m.shape[0], m.shape[1], c1, c2, int(rng.choice(4, p=[0.4, 0.2, 0.2, 0.2])), 18.0)
-        region[m] = tex[m]
-        placed.append(box)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
 def _gen(args):
     seed, split, i, easy = args
-    if split == "unknown":
-        return generate_unknown(seed, i), (-1, -1), np.zeros((14, 14), np.uint8)
     s = generate(seed, split, i, easy=easy)
     lab = s["label"]
     return (s["image_uint8"], (lab, lab) if split == "single" else tuple(lab),
             patch_labels(s["masks"], s["instance_labels"]))
 
 
-def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, n_easy_pairs=0, n_unknown=0):
+def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, n_easy_pairs=0):
     t0 = time.time()
     jobs = ([(seed, "single", i, False) for i in range(n_single)] + [(seed, "pairs", i, False) for i in range(n_pairs)]
             + [(seed, "single", i, True) for i in range(n_easy_single)]
-            + [(seed, "pairs", i, True) for i in range(n_easy_pairs)]
-            + [(seed, "unknown", i, False) for i in range(n_unknown)])
+            + [(seed, "pairs", i, True) for i in range(n_easy_pairs)])
     n = len(jobs)
     images = torch.empty((n, 224, 224, 3), dtype=torch.uint8)
     labels = torch.empty((n, 2), dtype=torch.int64)
@@ -124,8 +80,8 @@ def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, 
             images[k] = torch.from_numpy(img)
             plabels[k] = torch.from_numpy(pl)
             labels[k, 0], labels[k, 1] = lab
-    log(f"cache: {n_single} single + {n_pairs} pairs (+ easy: {n_easy_single} single, {n_easy_pairs} pairs; "
-        f"unknown-object negatives: {n_unknown}) images in {time.time() - t0:.1f}s")
+    log(f"cache: {n_single} single + {n_pairs} pairs (+ easy: {n_easy_single} single, {n_easy_pairs} pairs) "
+        f"images in {time.time() - t0:.1f}s")
     return images, labels, plabels
 
 
@@ -168,17 +124,15 @@ def fp16_state(model):
 
 
 def multi_hot(labels, nc):
-    """[B, 2] label pairs (a single-class image repeats its label; ``-1`` = no class) -> multi-hot [B, nc]."""
-    t = torch.zeros(labels.shape[0], nc + 1)
-    t.scatter_(1, labels + 1, 1.0)
-    return t[:, 1:]
+    """[B, 2] label pairs (a single-class image repeats its label) -> multi-hot [B, nc]."""
+    t = torch.zeros(labels.shape[0], nc)
+    t.scatter_(1, labels, 1.0)
+    return t
 
 
 def classification_loss(logits, labels, kind, label_smoothing):
     nc = logits.shape[-1]
     if kind == "softmax":
-        if (labels < 0).any():
-            raise ValueError("images without a class (--unknown-frac) need --loss bce")
         return F.cross_entropy(logits, soft_targets(labels, nc), label_smoothing=label_smoothing)
     t = multi_hot(labels, nc)
     t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
@@ -251,17 +205,6 @@ def evaluate_pairs_top2(model, seed, n, bs=100):
     return hit / n
 
 
-def shared_head_token_loss(token_logits, plabels, label_smoothing):
-    """Per-patch multi-label loss through the model's own classifier: a patch of shape class ``c``
-    (``plabels == 1 + c``) has target one-hot ``c``, a background patch (``0``) all zeros; the same
-    smoothed BCE as the image loss, summed over classes and averaged over patches."""
-    nc = token_logits.shape[-1]
-    t = F.one_hot(plabels.reshape(-1).long(), nc + 1)[:, 1:].float()
-    t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    z = token_logits.float().reshape(-1, nc)
-    return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
@@ -305,13 +248,6 @@ def main(argv=None):
                    help="also apply the per-patch loss (LayerNorm + linear head each, not shipped) to the patch "
                         "tokens leaving each of the last N-1 blocks before the final one (deep token labelling); "
                         "the loss is averaged over the supervised depths")
-    p.add_argument("--aux-shared", action="store_true",
-                   help="score the patch tokens with the model's own final norm + classifier head (multi-label, "
-                        "background = no class) instead of separate auxiliary heads, at the final block and at "
-                        "the --aux-blocks depths")
-    p.add_argument("--unknown-frac", type=float, default=0.0,
-                   help="fraction of the cache that are negatives: 1-3 objects of non-label shapes, target "
-                        "'no class' (needs --loss bce)")
     a = p.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
@@ -332,13 +268,12 @@ def main(argv=None):
     log(f"args: {vars(a)}")
     log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {a.threads}")
 
-    n_unknown = int(round(a.n_train * a.unknown_frac))
-    n_easy = int(round((a.n_train - n_unknown) * a.easy_frac))
-    n_hard = a.n_train - n_unknown - n_easy
+    n_easy = int(round(a.n_train * a.easy_frac))
+    n_hard = a.n_train - n_easy
     n_pairs = int(round(n_hard * a.pairs_frac))
     n_easy_pairs = int(round(n_easy * a.pairs_frac))
     images, labels, plabels = build_cache(n_hard - n_pairs, n_pairs, a.train_seed, a.workers, log,
-                                 n_easy - n_easy_pairs, n_easy_pairs, n_unknown)
+                                 n_easy - n_easy_pairs, n_easy_pairs)
     n = images.shape[0]
 
     model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
@@ -374,7 +309,7 @@ def main(argv=None):
     step, seen, epoch = 0, 0, 0
     perm = torch.randperm(n, generator=g)
     pos = 0
-    ep_loss, ep_correct, ep_count, ep_known = 0.0, 0, 0, 0
+    ep_loss, ep_correct, ep_count = 0.0, 0, 0
     run_loss = None
     pbar = tqdm(total=a.steps, desc="train", mininterval=10) if tqdm is not None else None
     prog = 0.0
@@ -382,12 +317,12 @@ def main(argv=None):
     while prog < 1.0:
         if pos + a.batch_size > n:
             epoch += 1
-            log(f"epoch {epoch}: train loss {ep_loss / max(ep_count, 1):.4f} acc {ep_correct / max(ep_known, 1):.4f} "
+            log(f"epoch {epoch}: train loss {ep_loss / max(ep_count, 1):.4f} acc {ep_correct / max(ep_count, 1):.4f} "
                 f"step {step} elapsed {time.time() - t_train:.0f}s")
-            ep_loss, ep_correct, ep_count, ep_known = 0.0, 0, 0, 0
+            ep_loss, ep_correct, ep_count = 0.0, 0, 0
             perm = torch.randperm(n, generator=g)
             pos = 0
-        if prog < a.easy_only_frac and n_easy > 0:  # the easy block sits right after the hard one
+        if prog < a.easy_only_frac and n_easy > 0:
             idx = n_hard + torch.randint(0, n_easy, (a.batch_size,), generator=g)
         else:
             idx = perm[pos:pos + a.batch_size]
@@ -400,18 +335,10 @@ def main(argv=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             feats = model.forward_features(x)
             logits = model.forward_head(feats)
-            npt = model.num_prefix_tokens
-            if a.aux_shared:
-                aux = model.head(feats[:, npt:]) if a.aux_weight else None
-                deep = [model.head(model.norm(deep_out[k][:, npt:])) for k in deep_idx]
-            else:
-                aux = aux_head(feats[:, npt:]) if a.aux_weight else None
-                deep = [hd(deep_out[k][:, npt:]) for k, hd in zip(deep_idx, deep_heads)]
+            aux = aux_head(feats[:, model.num_prefix_tokens:]) if a.aux_weight else None
+            deep = [hd(deep_out[k][:, model.num_prefix_tokens:]) for k, hd in zip(deep_idx, deep_heads)]
         loss = classification_loss(logits.float(), lab, a.loss, a.label_smoothing)
-        if aux is not None and a.aux_shared:
-            aux_losses = [shared_head_token_loss(t, pl, a.label_smoothing) for t in [aux] + deep]
-            loss = loss + a.aux_weight * sum(aux_losses) / len(aux_losses)
-        elif aux is not None:
+        if aux is not None:
             aux_losses = [F.cross_entropy(t.float().reshape(-1, t.shape[-1]), pl.reshape(-1)) for t in [aux] + deep]
             loss = loss + a.aux_weight * sum(aux_losses) / len(aux_losses)
         opt.zero_grad(set_to_none=True)
@@ -422,15 +349,12 @@ def main(argv=None):
         seen += x.shape[0]
         li = float(loss.detach())
         run_loss = li if run_loss is None else 0.98 * run_loss + 0.02 * li
-        known = lab[:, 0] >= 0  # unknown-object negatives have no class to be right about
-        single = (lab[:, 0] == lab[:, 1]) & known
-        pair = (lab[:, 0] != lab[:, 1]) & known
+        single = lab[:, 0] == lab[:, 1]
         pred = logits.detach().argmax(1)
         ep_loss += li * x.shape[0]
         ep_correct += int((pred[single] == lab[single, 0]).sum()) + int(
-            ((pred[pair] == lab[pair, 0]) | (pred[pair] == lab[pair, 1])).sum())
+            ((pred[~single] == lab[~single, 0]) | (pred[~single] == lab[~single, 1])).sum())
         ep_count += x.shape[0]
-        ep_known += int(known.sum())
         elapsed = time.time() - t_train
         prog = max(step / a.steps, elapsed / budget)
         if pbar is not None:
@@ -453,7 +377,7 @@ def main(argv=None):
         pbar.close()
     train_time = time.time() - t_train
     if ep_count:
-        log(f"epoch {epoch + 1} (partial): train loss {ep_loss / ep_count:.4f} acc {ep_correct / max(ep_known, 1):.4f}")
+        log(f"epoch {epoch + 1} (partial): train loss {ep_loss / ep_count:.4f} acc {ep_correct / ep_count:.4f}")
     log(f"training: {step} steps, {seen} images, {train_time:.0f}s, {seen / train_time:.1f} img/s, "
         f"final loss(ema) {run_loss:.4f}")
 
@@ -482,15 +406,12 @@ def main(argv=None):
         "dataset": {"class": "captum_vit.data.ShapesDataset", "image_size": 224,
                     "train": {"seed": a.train_seed, "single": n_hard - n_pairs, "pairs": n_pairs,
                               "easy_single": n_easy - n_easy_pairs, "easy_pairs": n_easy_pairs,
-                              "unknown_object_negatives": n_unknown,
                               "note": "items 0..N-1 of each split; easy = generate(..., easy=True)"},
                     "val": {"seed": a.val_seed, "split": "single", "size": a.val_size}},
         "training": {"steps": step, "images_seen": seen, "batch_size": a.batch_size, "lr": a.lr,
                      "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
                      "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,
                      "augment": "random hflip/vflip/transpose", "loss": a.loss,
-                     "patch_loss": ("model's own norm + head, multi-label" if a.aux_shared else
-                                    "separate linear head(s), 9-way softmax") if a.aux_weight else "none",
                      "pairs_target": "0.5/0.5 soft target" if a.loss == "softmax" else "multi-hot (both classes)",
                      "curriculum": f"easy images only for the first {a.easy_only_frac:.0%} of the schedule",
                      "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_time, 1),
