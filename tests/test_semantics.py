@@ -75,15 +75,20 @@ def multi_instance_touch(model, agcam, cfg, size=200, batch_size=50, threshold=0
     return touched, n_boxes, n_inst
 
 
+@pytest.fixture(scope="module")
+def specificity(trained):
+    _, cfg, agcam = trained
+    return class_specificity(agcam, cfg)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="known shortfall (issue 3, open): the shipped shapes ViT gives AGCAM class-specificity rates of "
-    "0.780 / 0.733 on this split (per instance pixel 0.933 / 0.927), below the 0.8 the issue asks for; strict, "
-    "so it fails loudly once a better model passes",
+    "0.780 / 0.733 on this split (per instance pixel 0.933 / 0.927; 0.915 / 0.881 on the pairs with comparable "
+    "areas), below the 0.8 the issue asks for; strict, so it fails loudly once a better model passes",
 )
-def test_agcam_is_class_specific(trained, record_property):
-    _, cfg, agcam = trained
-    r = class_specificity(agcam, cfg)
+def test_agcam_is_class_specific(specificity, record_property):
+    r = specificity
     n = r["aa"].numel()
     assert n >= 100
     rate_a = float((r["aa"] > r["ab"]).double().mean())
@@ -113,3 +118,36 @@ def test_agcam_multi_instance_report(trained, record_property):
           f"for mean instances {sum(n_inst) / n:.2f}; at least one box per instance in {more_boxes:.3f}")
     record_property("multi_instance_rate", rate)
     record_property("multi_instance_n", n)
+
+
+#: Pairs whose two classes cover comparable areas: neither class's masks more than 1.5x the other's.
+COMPARABLE_AREA_RATIO = 1.5
+
+
+def test_agcam_is_class_specific_on_comparable_areas(specificity, record_property):
+    """The issue's raw-mass rule, on the pairs where mass is not decided by area alone.
+
+    Not a substitute for the rule on all pairs (that test above is the issue's bar and is still an
+    xfail): this one guards the class-specific part of the maps, which the shipped model has, so a
+    regression to objectness maps (mass following area) fails here.
+    """
+    r = specificity
+    ratio = r["area_b"] / r["area_a"]
+    keep = (ratio <= COMPARABLE_AREA_RATIO) & (ratio >= 1.0 / COMPARABLE_AREA_RATIO)
+    n = int(keep.sum())
+    assert n >= 40
+    rate_a = float((r["aa"][keep] > r["ab"][keep]).double().mean())
+    rate_b = float((r["bb"][keep] > r["ba"][keep]).double().mean())
+    # the unbalanced rest, for the report: when b's masks are > 1.5x a's, map(a) rarely wins on raw mass
+    big_b = ratio > COMPARABLE_AREA_RATIO
+    big_a = ratio < 1.0 / COMPARABLE_AREA_RATIO
+    print(f"\n[semantics] class specificity on the {n} pairs images with areas within {COMPARABLE_AREA_RATIO}x "
+          f"(seed {HELD_OUT_SEED}): {rate_a:.3f} / {rate_b:.3f}; map(a) wins when b is larger: "
+          f"{float((r['aa'][big_b] > r['ab'][big_b]).double().mean()):.3f} ({int(big_b.sum())} images), "
+          f"map(b) wins when a is larger: {float((r['bb'][big_a] > r['ba'][big_a]).double().mean()):.3f} "
+          f"({int(big_a.sum())} images)")
+    for k, v in (("specificity_comparable_rate_a", rate_a), ("specificity_comparable_rate_b", rate_b),
+                 ("specificity_comparable_n", n)):
+        record_property(k, v)
+    assert rate_a >= SPECIFICITY_MIN_RATE
+    assert rate_b >= SPECIFICITY_MIN_RATE
