@@ -81,12 +81,6 @@ def specificity(trained):
     return class_specificity(agcam, cfg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known shortfall (issue 3, open): the shipped shapes ViT gives AGCAM class-specificity rates of "
-    "0.780 / 0.733 on this split (per instance pixel 0.933 / 0.927; 0.915 / 0.881 on the pairs with comparable "
-    "areas), below the 0.8 the issue asks for; strict, so it fails loudly once a better model passes",
-)
 def test_agcam_is_class_specific(specificity, record_property):
     r = specificity
     n = r["aa"].numel()
@@ -127,9 +121,9 @@ COMPARABLE_AREA_RATIO = 1.5
 def test_agcam_is_class_specific_on_comparable_areas(specificity, record_property):
     """The issue's raw-mass rule, on the pairs where mass is not decided by area alone.
 
-    Not a substitute for the rule on all pairs (that test above is the issue's bar and is still an
-    xfail): this one guards the class-specific part of the maps, which the shipped model has, so a
-    regression to objectness maps (mass following area) fails here.
+    Not a substitute for the rule on all pairs (the test above, the issue's bar): this one guards
+    the class-specific part of the maps on its own, so a regression to objectness maps (mass
+    following area) fails here even where the unbalanced pairs happen to go the right way.
     """
     r = specificity
     ratio = r["area_b"] / r["area_a"]

@@ -38,9 +38,11 @@ def test_tiny_run_writes_loadable_weights(tmp_path):
         "--out", str(tmp_path), "--name", "tiny", "--n-train", "12", "--steps", "2", "--batch-size", "4",
         "--val-size", "4", "--embed-dim", "24", "--num-heads", "2", "--depth", "3", "--workers", "1",
         "--easy-frac", "0", "--easy-only-frac", "0", "--eval-every", "0", "--warmup", "1",
-        "--loss", "bce", "--aux-blocks", "3", "--no-bf16",
+        "--loss", "bce", "--aux-blocks", "3", "--no-bf16", "--drop-path", "0.1",
     ])
     assert cfg["training"]["steps"] == 2 and cfg["training"]["loss"] == "bce"
+    # stochastic depth is a training setting only: the shipped config builds the model without it
+    assert cfg["training"]["drop_path"] == 0.1 and "drop_path_rate" not in cfg["model_kwargs"]
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert saved["sha256"] == cfg["sha256"]
     state = torch.load(tmp_path / "tiny.pth", weights_only=True)

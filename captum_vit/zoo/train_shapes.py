@@ -248,6 +248,10 @@ def main(argv=None):
                    help="also apply the per-patch loss (LayerNorm + linear head each, not shipped) to the patch "
                         "tokens leaving each of the last N-1 blocks before the final one (deep token labelling); "
                         "the loss is averaged over the supervised depths")
+    p.add_argument("--drop-path", type=float, default=0.0,
+                   help="stochastic depth during training (timm's drop_path_rate, linear over the blocks): a "
+                        "block's attention or MLP branch is skipped per sample; inactive in eval mode and not "
+                        "part of the shipped config")
     a = p.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
@@ -278,7 +282,7 @@ def main(argv=None):
 
     model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
                         stem=a.stem)
-    model = build_shapes_vit(model_kwargs, num_classes=len(CLASSES))
+    model = build_shapes_vit(dict(model_kwargs, drop_path_rate=a.drop_path), num_classes=len(CLASSES))
     if a.init:
         model.load_state_dict({k: v.float() for k, v in torch.load(a.init, weights_only=True).items()})
         log(f"initialised from {a.init}")
@@ -412,6 +416,7 @@ def main(argv=None):
                      "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
                      "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,
                      "augment": "random hflip/vflip/transpose", "loss": a.loss,
+                     "drop_path": a.drop_path,
                      "pairs_target": "0.5/0.5 soft target" if a.loss == "softmax" else "multi-hot (both classes)",
                      "curriculum": f"easy images only for the first {a.easy_only_frac:.0%} of the schedule",
                      "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_time, 1),
