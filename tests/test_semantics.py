@@ -130,16 +130,16 @@ def test_agcam_is_class_specific_on_comparable_areas(specificity, record_propert
     keep = (ratio <= COMPARABLE_AREA_RATIO) & (ratio >= 1.0 / COMPARABLE_AREA_RATIO)
     n = int(keep.sum())
     assert n >= 40
-    rate_a = float((r["aa"][keep] > r["ab"][keep]).double().mean())
-    rate_b = float((r["bb"][keep] > r["ba"][keep]).double().mean())
+    wins_a, wins_b = r["aa"] > r["ab"], r["bb"] > r["ba"]
+    rate_a = float(wins_a[keep].double().mean())
+    rate_b = float(wins_b[keep].double().mean())
     # the unbalanced rest, for the report: when b's masks are > 1.5x a's, map(a) rarely wins on raw mass
     big_b = ratio > COMPARABLE_AREA_RATIO
     big_a = ratio < 1.0 / COMPARABLE_AREA_RATIO
     print(f"\n[semantics] class specificity on the {n} pairs images with areas within {COMPARABLE_AREA_RATIO}x "
           f"(seed {HELD_OUT_SEED}): {rate_a:.3f} / {rate_b:.3f}; map(a) wins when b is larger: "
-          f"{float((r['aa'][big_b] > r['ab'][big_b]).double().mean()):.3f} ({int(big_b.sum())} images), "
-          f"map(b) wins when a is larger: {float((r['bb'][big_a] > r['ba'][big_a]).double().mean()):.3f} "
-          f"({int(big_a.sum())} images)")
+          f"{float(wins_a[big_b].double().mean()):.3f} ({int(big_b.sum())} images), "
+          f"map(b) wins when a is larger: {float(wins_b[big_a].double().mean()):.3f} ({int(big_a.sum())} images)")
     for k, v in (("specificity_comparable_rate_a", rate_a), ("specificity_comparable_rate_b", rate_b),
                  ("specificity_comparable_n", n)):
         record_property(k, v)

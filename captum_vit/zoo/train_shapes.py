@@ -16,7 +16,8 @@ CPU only. Steps:
    positive), which keeps the logit of one class free of the other's evidence;
    an auxiliary per-patch shape/background loss on the patch tokens (``--aux-weight``; with
    ``--aux-blocks N`` also on the tokens leaving the blocks before the last, "deep token labelling",
-   through heads that are not shipped) keeps each token about its own patch;
+   through heads that are not shipped) keeps each token about its own patch; ``--drop-path`` adds
+   stochastic depth (training only), which made AGCAM's maps class-specific in the last two runs;
    the schedule advances by ``max(step / steps, elapsed / time budget)`` so the run ends in budget;
 3. evaluate top-1 accuracy on ``--val-size`` images of split "single" from the held-out
    ``--val-seed`` (disjoint from the training seed), save fp16 state_dict + json + log;
