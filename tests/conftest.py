@@ -35,6 +35,10 @@ def make_timm(variant: str):
         m = VisionTransformer(**kw, dynamic_img_size=True)
     elif variant == "scale_norm":  # attention output normalised: one-token engine does not apply
         m = VisionTransformer(**kw, scale_attn_norm=True)
+    elif variant == "respost":  # post-norm blocks: the parts do not cover them (patched fallback)
+        from timm.models.vision_transformer import ResPostBlock
+
+        m = VisionTransformer(**kw, block_fn=ResPostBlock)
     elif variant == "convstem":  # the shipped model's architecture: convolutional stem, same token grid
         from captum_vit.zoo.shapes import build_shapes_vit
 

@@ -48,10 +48,16 @@ def forward_recording(model, x, detach=True):
     S, A = [], []
     if hasattr(model, "patch_embed"):  # timm
         h = _timm_tokens_and_blocks(model, x)
+        post_norm = type(model.blocks[0]).__name__ == "ResPostBlock"
         for blk in model.blocks:
-            o, s, a = _attn_timm(blk.attn, blk.norm1(h), detach)
-            h = h + blk.ls1(o)
-            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+            if post_norm:  # x + norm1(attn(x)), then x + norm2(mlp(x))
+                o, s, a = _attn_timm(blk.attn, h, detach)
+                h = h + blk.norm1(o)
+                h = h + blk.norm2(blk.mlp(h))
+            else:
+                o, s, a = _attn_timm(blk.attn, blk.norm1(h), detach)
+                h = h + blk.ls1(o)
+                h = h + blk.ls2(blk.mlp(blk.norm2(h)))
             S.append(s)
             A.append(a)
         out = model.forward_head(model.norm(h))

@@ -152,12 +152,27 @@ def test_model_left_as_found(arch, engine):
     with pytest.raises(ValueError, match="out of range"):
         AGCAM(model, engine=engine).attribute(x, target=[1, 99])
     assert _state(model) == before
-    # An exception escaping mid-forward (inside the recording) also restores everything.
-    adapter = adapt(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with adapter.recording(attention="grad", values=True, prefix=True, block_inputs=True):
-            assert _state(model) != before
-            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("arch", ["plain", "respost", "hf"])
+def test_model_left_as_found_when_an_exception_escapes_mid_forward(arch):
+    # "respost" runs the patched fallback, the others the pure forward; a user's hook raising
+    # inside block 1's MLP must leave no patched forward or hook of ours behind either way.
+    model = make(arch)
+    x = input_for(arch, batch=2)
+    before = _state(model)
+    blocks = model.blocks if arch != "hf" else model.vit.layers
+
+    def boom(_m, _args):
+        raise RuntimeError("boom")
+
+    handle = blocks[1].mlp.fc1.register_forward_pre_hook(boom)
+    try:
+        for engine in ("auto", "generic"):
+            with pytest.raises(RuntimeError, match="boom"):
+                AGCAM(model, engine=engine).attribute(x, target=[1, 2])
+    finally:
+        handle.remove()
     assert _state(model) == before
 
 
@@ -171,6 +186,107 @@ def test_fused_attention_flag_kept_and_restored():
     ref = agcam_reference(model, x, [1, 2])
     _close(AGCAM(model).attribute(x, target=[1, 2]).reshape(2, -1), ref)
     assert [blk.attn.fused_attn for blk in model.blocks] == [False] + flags[1:]
+
+
+@pytest.mark.parametrize("arch", ["respost", "scale_norm"])
+def test_architectures_outside_the_one_token_engine(arch):
+    # respost: blocks the description does not cover (patched fallback); scale_norm: covered by
+    # the parts, but the one-token chain does not apply.
+    model = make_timm(arch)
+    x = input_for("plain", batch=3)
+    agcam = AGCAM(model)
+    assert agcam.resolved_engine() == "generic"
+    assert (adapt(model).parts is None) == (arch == "respost")
+    ref = agcam_reference(model, x, [1, 5, 8])
+    assert ref.max() > 0
+    _close(agcam.attribute(x, target=[1, 5, 8]).reshape(3, -1), ref)
+
+
+def test_inference_mode():
+    model = make_timm("layerscale")
+    x = input_for("plain", batch=2)
+    ref = agcam_reference(model, x, [3, 6])
+    with torch.inference_mode():
+        xi = x.clone()
+        cam = AGCAM(model).attribute(xi, target=[3, 6])
+        with pytest.raises(RuntimeError, match="inference_mode.*no_grad"):
+            AGCAM(model, engine="generic").attribute(xi, target=[3, 6])
+    _close(cam.reshape(2, -1), ref)
+    # An inference tensor made earlier still works with the autograd engine outside the mode.
+    _close(AGCAM(model, engine="generic").attribute(xi, target=[3, 6]).reshape(2, -1), ref)
+
+
+def test_numpy_targets_and_bool_layers():
+    np = pytest.importorskip("numpy")
+    model = make_timm("plain")
+    x = input_for("plain", batch=2)
+    a = AGCAM(model)
+    base = a.attribute(x, target=[1, 2])
+    _close(a.attribute(x, target=np.array([1, 2])), base)
+    _close(a.attribute(x, target=[np.int64(1), np.int32(2)]), base)
+    _close(a.attribute(x, target=np.int64(3)), a.attribute(x, target=3))
+    with pytest.raises(TypeError, match="integer"):
+        a.attribute(x, target=np.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="layer index"):
+        AGCAM(model, layers=[True])
+    _close(AGCAM(model, layers=[np.int64(-1)]).attribute(x, target=[1, 2]), AGCAM(model, layers=[2]).attribute(x, target=[1, 2]))
+
+
+def test_return_logits_come_from_the_same_forward():
+    model = make("hf")
+    x = input_for("hf", batch=3)
+    cam, logits = AGCAM(model).attribute(x, return_logits=True)
+    _close(logits, logits_reference(model, x), rel=1e-4)
+    _close(cam, AGCAM(model).attribute(x, target=logits.argmax(1)))
+    (cam_t,), _ = AGCAM(model).attribute((x,), target=1, return_logits=True)
+    assert cam_t.shape == cam.shape
+
+
+class _Normalize(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.5, 0.25, 0.75]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.parametrize("arch", ["plain", "hf"])
+def test_wrappers_are_explained_through_their_forward(arch):
+    vit = make(arch)
+    x = input_for(arch, batch=3).abs()
+    ref = agcam_reference(vit, _Normalize()(x), [2, 4, 6])
+    seq = torch.nn.Sequential(_Normalize(), vit)
+    a = AGCAM(seq)
+    assert a.resolved_engine() == "one_token"
+    _close(a.attribute(x, target=[2, 4, 6]).reshape(3, -1), ref)
+    _close(AGCAM(seq, engine="generic").attribute(x, target=[2, 4, 6]).reshape(3, -1), ref)
+    compiled = torch.compile(vit)
+    _close(AGCAM(compiled).attribute(_Normalize()(x), target=[2, 4, 6]).reshape(3, -1), ref)
+    _close(AGCAM(torch.compile(seq)).attribute(x, target=[2, 4, 6]).reshape(3, -1), ref)
+    # Something after the ViT: its output is no longer the ViT's logits, so autograd explains it.
+    doubled = torch.nn.Sequential(_Normalize(), vit, torch.nn.Softmax(-1))
+    d = AGCAM(doubled)
+    assert d.resolved_engine() == "generic"
+    probs = logits_reference(vit, _Normalize()(x)).softmax(-1)
+    _, out = d.attribute(x, target=[2, 4, 6], return_logits=True)
+    _close(out, probs.detach(), rel=1e-5)
+
+
+def test_other_wrappers_are_refused_naming_the_inner_vit():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            self.backbone = vit
+
+        def forward(self, x):
+            return self.backbone(x * 2)
+
+    with pytest.raises(UnsupportedModelError, match="model.backbone"):
+        AGCAM(Wrapper(make_timm("plain")))
+    with pytest.raises(UnsupportedModelError, match="wraps a Vision Transformer"):
+        AGCAM(torch.nn.Sequential(make_timm("plain"), make_timm("plain")))
 
 
 def test_train_mode_warns_and_is_not_switched():

@@ -1,32 +1,49 @@
-"""Shared base of the captum-vit attribution methods: Captum plumbing, targets, upsampling."""
+"""The method template: Captum plumbing, one forward, targets resolved once, reshaping, upsampling."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import List, Sequence, Tuple, Union
 
+import numpy as np
 import torch
-from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
+from captum.attr._utils.attribution import LayerAttribution
+from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_vit.vit import ViTAdapter, adapt
+from captum_vit.vit import Record, Request, ViTAdapter, adapt
 
-TargetType = Union[None, int, Tuple[int, ...], Tensor, List]
+__all__ = ["ViTLayerAttribution", "TargetType", "resolve_targets", "fuse"]
+
+TargetType = Union[None, int, Tuple[int, ...], Tensor, List, np.ndarray, np.integer]
 
 _FUSIONS = ("sum", "mean", "max")
+
+
+def _as_index(value: object, what: str) -> int:
+    """An integer index from a Python or numpy integer (or a 1-element integer tensor); bools are refused."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        return int(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int index, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
     """Captum target semantics for a ``[B, C]`` classifier output, as a ``LongTensor[B]``.
 
-    ``None`` is the predicted class; an int (or a 1-tuple ``(c,)``, or a 0-d tensor) applies to
-    every sample; a list or 1-D tensor gives one class per sample.
+    ``None`` is the predicted class; an int (Python or numpy, or a 1-tuple ``(c,)``, or a 0-d
+    tensor) applies to every sample; a list, 1-D tensor or 1-D numpy array gives one class per
+    sample. Every class is range-checked.
     """
     B, C = logits.shape[0], logits.shape[-1]
     if target is None:
-        return logits.argmax(dim=-1)
-    if isinstance(target, bool):
-        raise TypeError("target must be an int class index, not a bool")
+        return logits.detach().argmax(dim=-1)
+    if isinstance(target, np.ndarray):
+        if not np.issubdtype(target.dtype, np.integer):
+            raise TypeError(f"target array must hold integer class indices, got dtype {target.dtype}")
+        target = torch.as_tensor(target) if target.ndim else int(target)
     if isinstance(target, tuple):
         if len(target) != 1:
             raise ValueError(
@@ -35,23 +52,8 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
                 "with one class per sample."
             )
         target = target[0]
-    if isinstance(target, int):
-        t = torch.full((B,), target, dtype=torch.long, device=logits.device)
-    elif isinstance(target, list):
-        if len(target) != B:
-            raise ValueError(f"target list has {len(target)} entries but the batch has {B} samples; give one per sample")
-        flat = []
-        for t_i in target:
-            if isinstance(t_i, tuple) and len(t_i) == 1:
-                t_i = t_i[0]
-            if isinstance(t_i, Tensor) and t_i.numel() == 1:
-                t_i = int(t_i.item())
-            if not isinstance(t_i, int) or isinstance(t_i, bool):
-                raise TypeError(f"each per-sample target must be an int class index, got {t_i!r}")
-            flat.append(t_i)
-        t = torch.tensor(flat, dtype=torch.long, device=logits.device)
-    elif isinstance(target, Tensor):
-        if target.is_floating_point():
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
         if target.numel() == 1:
             t = target.reshape(()).expand(B)
@@ -63,8 +65,14 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
                 "1-D tensor with one class per sample"
             )
         t = t.to(device=logits.device, dtype=torch.long)
+    elif isinstance(target, list):
+        if len(target) != B:
+            raise ValueError(f"target list has {len(target)} entries but the batch has {B} samples; give one per sample")
+        flat = [_as_index(t_i[0] if isinstance(t_i, tuple) and len(t_i) == 1 else t_i, "each per-sample target")
+                for t_i in target]
+        t = torch.tensor(flat, dtype=torch.long, device=logits.device)
     else:
-        raise TypeError(f"unsupported target type {type(target).__name__}; use None, int, list or 1-D tensor")
+        t = torch.full((B,), _as_index(target, "target"), dtype=torch.long, device=logits.device)
     if B and (int(t.min()) < 0 or int(t.max()) >= C):
         bad = t[(t < 0) | (t >= C)][0].item()
         raise ValueError(f"target class {bad} is out of range for a model with {C} classes (valid: 0..{C - 1})")
@@ -82,50 +90,120 @@ def fuse(x: Tensor, how: str, dim: int) -> Tensor:
     raise ValueError(f"fusion must be one of {_FUSIONS}, got {how!r}")
 
 
-class ViTLayerAttribution(LayerAttribution, GradientAttribution):
-    """Base of the methods over a ViT's attention modules.
+def check_fusion(name: str, value: str) -> str:
+    if value not in _FUSIONS:
+        raise ValueError(f"{name} must be one of {_FUSIONS}, got {value!r}")
+    return value
 
-    Subclasses implement :meth:`_attribute_patches`, returning ``[B, gh*gw]`` maps for patch
-    tokens; this base validates inputs, resolves targets, reshapes to ``[B, 1, gh, gw]`` and
-    optionally upsamples to the input size.
+
+class ViTLayerAttribution(LayerAttribution):
+    """Template of the methods over a ViT's attention modules.
+
+    :meth:`attribute` formats the inputs (Captum's tuple convention), validates them, runs
+    **one** forward pass through the model description recording what :meth:`_request` asks
+    for, resolves the targets once (range-checked before any gradient work), hands
+    ``(record, logits, targets)`` to :meth:`_maps`, and reshapes its ``[B, gh*gw]`` patch maps to
+    ``[B, 1, gh, gw]`` (optionally upsampled to the input size). A method implements
+    :meth:`_request` and :meth:`_maps`; structural checks belong in its constructor.
+
+    Nothing per call is stored on the instance or the model, so one instance may serve
+    several threads at once.
     """
 
     def __init__(self, model: Union[nn.Module, ViTAdapter], layers: Sequence[int] = None) -> None:
         self.adapter = adapt(model)
-        self.model = self.adapter.model
+        self.model = self.adapter.wrapper
         n = self.adapter.num_layers
         if layers is None:
             self.layer_indices = list(range(n))
         else:
             idx = []
             for i in layers:
-                if not isinstance(i, int) or not -n <= i < n:
-                    raise ValueError(f"layer index {i!r} is out of range for a model with {n} blocks (valid: {-n}..{n - 1})")
+                i = _as_index(i, "layer index")
+                if not -n <= i < n:
+                    raise ValueError(f"layer index {i} is out of range for a model with {n} blocks (valid: {-n}..{n - 1})")
                 idx.append(i % n)
             if not idx:
                 raise ValueError("layers is empty; give at least one block index or None for all")
             self.layer_indices = sorted(set(idx))
-        LayerAttribution.__init__(self, self.adapter.logits, [self.adapter.attentions[i] for i in self.layer_indices])
-        GradientAttribution.__init__(self, self.adapter.logits)
+        LayerAttribution.__init__(self, self.model, [self.adapter.attentions[i] for i in self.layer_indices])
 
-    def _prepare(self, inputs: Tensor) -> Tuple[Tensor, Tuple[int, int], bool]:
-        is_tuple = isinstance(inputs, tuple)
-        if is_tuple:
-            if len(inputs) != 1:
-                raise ValueError("a ViT takes one input tensor; got a tuple of %d" % len(inputs))
-            inputs = inputs[0]
+    # ----------------------------------------------------------------- what a method implements
+    def _request(self) -> Request:
+        """What the method needs recorded during the forward pass."""
+        raise NotImplementedError
+
+    def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+        """``[B, gh*gw]`` patch-token maps from one forward's record."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- the template
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetType = None,
+        upsample_to_input: bool = False,
+        return_logits: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, ...], Tuple[Union[Tensor, Tuple[Tensor]], Tensor]]:
+        r"""
+        Args:
+            inputs (Tensor or 1-tuple of Tensor): normalised images ``[B, C, H, W]``; a
+                tuple in gives a tuple out (Captum convention).
+            target (int, tuple, list, Tensor or numpy integer/array, optional): class per
+                sample (Captum semantics); ``None`` explains the predicted class.
+            upsample_to_input (bool): return the map bilinearly upsampled
+                (``align_corners=False``) to ``H x W`` instead of the patch grid.
+            return_logits (bool): also return the model's logits ``[B, num_classes]`` from
+                the same forward pass, as ``(attributions, logits)``.
+
+        Returns:
+            *Tensor* of shape ``[B, 1, gh, gw]`` (or ``[B, 1, H, W]``) on the input's device,
+            or a 1-tuple of it for tuple inputs; with ``return_logits`` a pair
+            ``(attributions, logits)``.
+        """
+        inputs, is_tuple = _format_inputs(inputs)
         self.adapter.check_input(inputs)
-        if self.model.training:
+        if self.adapter.is_training:
             warnings.warn(
                 f"{type(self.model).__name__} is in training mode: dropout and drop-path make the explanation random. "
                 "captum-vit does not switch modes for you; call model.eval() first.",
                 stacklevel=3,
             )
-        return inputs, self.adapter.grid_size(inputs), is_tuple
-
-    def _finish(self, maps: Tensor, inputs: Tensor, grid: Tuple[int, int], upsample_to_input: bool, is_tuple: bool):
-        cam = maps.reshape(maps.shape[0], 1, grid[0], grid[1]).to(inputs.device)
+        request = self._request()
+        record = self._forward(inputs, request)
+        logits = record.logits
+        targets = resolve_targets(target, logits)
+        with torch.enable_grad() if request.needs_autograd else torch.no_grad():
+            maps = self._maps(record, logits, targets)
+        gh, gw = record.grid
+        cam = maps.detach().reshape(maps.shape[0], 1, gh, gw).to(inputs.device)
         if upsample_to_input:
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
-        # Captum convention: a tuple of inputs gets a tuple of attributions back.
-        return (cam,) if is_tuple else cam
+        out = (cam,) if is_tuple else cam  # Captum convention: a tuple of inputs gets a tuple back
+        return (out, logits.detach()) if return_logits else out
+
+    def _forward(self, inputs: Tensor, request: Request) -> Record:
+        if not request.needs_autograd:
+            with torch.no_grad():
+                return self.adapter.forward(inputs, request)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{self.get_name()} needs autograd here, which torch.inference_mode() switches off; call it under "
+                "torch.no_grad() instead (it enables gradients only inside)"
+                + (", or use engine='one_token'" if hasattr(self, "engine") else "")
+            )
+        if inputs.is_inference():  # made under inference_mode: autograd cannot save it
+            inputs = inputs.clone()
+        with torch.enable_grad():
+            if not request.detach:
+                inputs = inputs.detach().requires_grad_(True)
+            return self.adapter.forward(inputs, request)
+
+
+def _format_inputs(inputs) -> Tuple[Tensor, bool]:
+    if isinstance(inputs, tuple):
+        if len(inputs) != 1:
+            raise ValueError(f"a ViT takes one input tensor; got a tuple of {len(inputs)}")
+        return inputs[0], True
+    return inputs, False

@@ -1,0 +1,113 @@
+"""The one package that knows Vision Transformer internals.
+
+:func:`adapt` describes a timm ``VisionTransformer`` (also DeiT distilled, register-token and
+``dynamic_img_size`` variants) or a Hugging Face ``ViTForImageClassification`` by its parts
+(:class:`BlockParts`) and returns a :class:`ViTAdapter` whose :meth:`~ViTAdapter.forward`
+runs one pure forward pass over them, recording what the attribution methods ask for
+(:class:`Request`, :class:`Record`). Nothing outside this package reads timm or transformers
+internals.
+
+Wrappers: an ``nn.Sequential`` holding exactly one supported ViT (preprocessing before it,
+output transforms after it) and a ``torch.compile`` wrapper (``OptimizedModule``) are explained
+through the wrapper's own computation. Any other module that contains a ViT is refused with an
+error naming the inner ViT to pass instead, since its forward could feed the ViT anything.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from captum_vit.vit.base import (
+    AttentionParts,
+    BlockParts,
+    HeadParts,
+    Record,
+    Request,
+    UnsupportedModelError,
+    ViTAdapter,
+)
+from captum_vit.vit.hf import HFViTAdapter, is_hf_vit
+from captum_vit.vit.timm import TimmViTAdapter, is_timm_vit
+
+__all__ = [
+    "AttentionParts",
+    "BlockParts",
+    "HeadParts",
+    "HFViTAdapter",
+    "Record",
+    "Request",
+    "TimmViTAdapter",
+    "UnsupportedModelError",
+    "ViTAdapter",
+    "adapt",
+]
+
+
+def _unsupported_msg(model: object) -> str:
+    return (
+        f"{type(model).__name__} is not a supported Vision Transformer. captum-vit reads timm "
+        "VisionTransformer models (vit_*, deit_*, including distilled and register-token variants) and "
+        "Hugging Face ViTForImageClassification, also inside nn.Sequential(preprocessing, vit) or torch.compile(vit), "
+        "e.g. timm.create_model('vit_base_patch16_224')."
+    )
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    # torch.compile returns an OptimizedModule whose _orig_mod is the module it compiles; the
+    # description runs the original module's parts, so the numbers are those of the eager model.
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _bare(model: nn.Module) -> Optional[ViTAdapter]:
+    model = _uncompiled(model)
+    if is_timm_vit(model):
+        return TimmViTAdapter(model)
+    if is_hf_vit(model):
+        return HFViTAdapter(model)
+    return None
+
+
+def _inner_vits(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if name and (is_timm_vit(m) or is_hf_vit(m))]
+
+
+def adapt(model: nn.Module) -> ViTAdapter:
+    """Return the :class:`ViTAdapter` describing ``model``.
+
+    Args:
+        model: a timm or Hugging Face ViT classifier, a ``torch.compile`` of one, or an
+            ``nn.Sequential`` with exactly one of them among its direct children.
+
+    Raises:
+        UnsupportedModelError: if ``model`` is not a ViT classifier captum-vit can read.
+    """
+    if isinstance(model, ViTAdapter):
+        return model
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(_unsupported_msg(model))
+    adapter = _bare(model)
+    if adapter is not None:
+        adapter.wrapper = model
+        return adapter
+    inner = _uncompiled(model)
+    if isinstance(inner, nn.Sequential):
+        children = list(inner)
+        found = [(i, _bare(c)) for i, c in enumerate(children)]
+        found = [(i, a) for i, a in found if a is not None]
+        if len(found) == 1:
+            i, adapter = found[0]
+            adapter.wrapper, adapter.pre, adapter.post = model, tuple(children[:i]), tuple(children[i + 1 :])
+            return adapter
+    vits = _inner_vits(inner)
+    if vits:
+        names = ", ".join(f"'{n}' ({type(m).__name__})" for n, m in vits[:3])
+        raise UnsupportedModelError(
+            f"{type(model).__name__} wraps a Vision Transformer at {names}, but captum-vit cannot see how its "
+            f"forward feeds the ViT. Pass the inner ViT instead (e.g. model.{vits[0][0]}) with the inputs it "
+            "receives, or put the preprocessing in an nn.Sequential(preprocessing, vit), which is explained as a whole."
+        )
+    raise UnsupportedModelError(_unsupported_msg(model))

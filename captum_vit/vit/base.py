@@ -1,0 +1,509 @@
+"""Library-independent part of the model description: block parts, the pure forward, the records.
+
+A :class:`ViTAdapter` describes a ViT classifier **by its parts** (:class:`BlockParts`,
+:class:`AttentionParts`, :class:`HeadParts`) and runs a pure forward pass over them
+(:meth:`ViTAdapter.forward`) that returns the intermediates the attribution methods ask for in
+a :class:`Record`. The pure forward reads the parts' weights and calls their modules; it never
+patches a module or registers a hook, so any number of threads may explain one model at once.
+It calls ``scaled_dot_product_attention`` itself, so the fused kernel is kept wherever the full
+attention matrix is not needed.
+
+Architectures the parts do not cover (for example timm's post-norm ``ResPostBlock``), and
+models in training mode (whose dropouts only the model's own forward reproduces), run through
+the library's own forward with patched attention modules instead. That fallback holds a
+per-model lock for the whole pass, restores every module in ``finally``, and is therefore
+serialised per model, never interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_norm_vjp, layer_scale_vjp, linear_vjp
+
+__all__ = [
+    "AttentionParts",
+    "BlockParts",
+    "HeadParts",
+    "Record",
+    "Request",
+    "UnsupportedModelError",
+    "ViTAdapter",
+]
+
+
+class UnsupportedModelError(TypeError):
+    """The module is not a Vision Transformer that captum-vit can read."""
+
+
+# --------------------------------------------------------------------------- parts
+@dataclass(frozen=True)
+class AttentionParts:
+    """Multi-head self-attention by its parts; exactly one of ``qkv`` or ``q``/``k``/``v`` is set."""
+
+    num_heads: int
+    head_dim: int
+    scale: float
+    proj: nn.Linear
+    qkv: Optional[nn.Linear] = None
+    q: Optional[nn.Linear] = None
+    k: Optional[nn.Linear] = None
+    v: Optional[nn.Linear] = None
+    q_norm: Optional[nn.Module] = None
+    k_norm: Optional[nn.Module] = None
+    #: normalisation of the concatenated head outputs before ``proj`` (timm ``scale_norm``).
+    out_norm: Optional[nn.Module] = None
+
+    def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``q, k, v`` as ``[B, H, N, d]`` (q/k norms applied)."""
+        B, N, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (lin(x).reshape(B, N, H, d).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def output(self, heads_out: Tensor) -> Tensor:
+        """``proj(out_norm(o))`` for the concatenated head outputs ``o`` ``[B, N, H*d]``."""
+        if self.out_norm is not None:
+            heads_out = self.out_norm(heads_out)
+        return self.proj(heads_out)
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """A pre-norm block ``u = x + ls1 * attn(norm1(x))``, ``x' = u + ls2 * fc2(mlp_norm(act(fc1(norm2(u)))))``."""
+
+    norm1: nn.Module
+    attn: AttentionParts
+    norm2: nn.Module
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+    ls1: Optional[Tensor] = None
+    ls2: Optional[Tensor] = None
+    mlp_norm: Optional[nn.Module] = None
+
+    def mlp_branch(self, u: Tensor) -> Tensor:
+        h = self.act(self.fc1(self.norm2(u)))
+        if self.mlp_norm is not None:
+            h = self.mlp_norm(h)
+        return _scale(self.ls2, self.fc2(h))
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """Final norm, pooling and classifier.
+
+    ``tokens``: for token pooling, ``(token index, linear head)`` pairs whose outputs are
+    averaged (one pair for a [class] head, two for DeiT's distilled heads); empty when the model
+    pools otherwise, and then ``pooled`` maps the normed tokens to logits.
+    """
+
+    norm: nn.Module
+    pooling: str
+    tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
+    fc_norm: Optional[nn.Module] = None
+    pooled: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        x = self.norm(tokens)
+        if not self.tokens:
+            return self.pooled(x)
+        outs = []
+        for index, linear in self.tokens:
+            t = x[:, index]
+            if self.fc_norm is not None:
+                t = self.fc_norm(t)
+            outs.append(linear(t))
+        return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
+
+
+def _scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
+    return x if gamma is None else x * gamma
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Request:
+    """What a method needs from one forward pass.
+
+    Args:
+        detach: detach every attention block's input (the AGCAM paper's ``x = x.detach()``),
+            so that gradients reach an attention map only through residual paths and MLPs.
+        attention: ``"none"``; ``"keep"`` records the post-softmax attention; ``"grad"``
+            records it as tensors through which the output's gradient can be taken (leaves
+            when ``detach``).
+        values: record the attention values ``[B, H, N, d]`` (contiguous copies).
+        scores_cls: record the scaled pre-softmax [class]-query row ``[B, H, N]``.
+        block_inputs: record each block's input ``[B, N, D]``.
+        cls_tokens: record the [class] token of each block's mid-residual ``u`` and of the
+            last block's output (the one-token backward's linearisation points).
+    """
+
+    detach: bool = True
+    attention: str = "none"
+    values: bool = False
+    scores_cls: bool = False
+    block_inputs: bool = False
+    cls_tokens: bool = False
+
+    @property
+    def needs_autograd(self) -> bool:
+        return self.attention == "grad"
+
+
+@dataclass
+class Record:
+    """What one forward pass recorded, one list entry per block in block order."""
+
+    logits: Optional[Tensor] = None
+    grid: Tuple[int, int] = (0, 0)
+    scores_cls: List[Tensor] = field(default_factory=list)
+    attention: List[Tensor] = field(default_factory=list)
+    values: List[Tensor] = field(default_factory=list)
+    block_inputs: List[Tensor] = field(default_factory=list)
+    mid_cls: List[Tensor] = field(default_factory=list)
+    final_cls: Optional[Tensor] = None
+
+
+def attention_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    rec: Record,
+    req: Request,
+    dropout: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """``softmax(q k^T * scale) v``, recording what ``req`` asks for. ``q, k, v``: ``[B, H, N, d]``.
+
+    ``dropout`` (training mode only) is applied to the attention before the values, as the
+    model does; the fused kernel is used where neither it nor the full attention is needed.
+    """
+    fused = req.attention == "none" and dropout is None
+    if req.scores_cls and fused:
+        rec.scores_cls.append(((q[:, :, :1] @ k.transpose(-2, -1)) * scale)[:, :, 0])
+    if req.values:
+        # A contiguous copy: a view would keep the whole qkv buffer (3x the values) alive.
+        rec.values.append(v.contiguous() if not v.is_contiguous() else v)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if req.scores_cls:
+        rec.scores_cls.append(scores[:, :, 0].detach())
+    attn = scores.softmax(dim=-1)
+    if req.attention == "grad" and req.detach:
+        # The input was detached, so A is a function of constants only: a leaf is exact.
+        attn = attn.detach().requires_grad_(True)
+    if req.attention != "none":
+        rec.attention.append(attn)
+    if dropout is not None:
+        attn = dropout(attn)
+    return attn @ v
+
+
+# --------------------------------------------------------------------------- the adapter
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serialises patched forwards of ``model`` (created once per model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+class ViTAdapter:
+    """Description of a ViT classifier; subclasses read one library each.
+
+    Attributes:
+        model: the ViT (``nn.Module``); never modified outside the serialised fallback.
+        wrapper: the module the user passed (the ViT itself, an ``nn.Sequential`` around it,
+            or a ``torch.compile`` wrapper).
+        blocks: the block modules in order; ``attentions``: their attention modules.
+        parts: the block parts (:class:`BlockParts`), or ``None`` where a block is not a
+            pre-norm block the description covers (then the patched fallback runs).
+        head: :class:`HeadParts`.
+        num_heads, head_dim, embed_dim: attention geometry.
+        num_prefix_tokens: [class] + distillation + register tokens, all before the patches.
+        has_class_token: whether token 0 is a [class] token.
+        pooling: ``"token"``, ``"token_distill"`` or another pooling (``"avg"``, ``"map"``).
+        patch_size: ``(ph, pw)``; in_chans: image channels.
+    """
+
+    library: str = "?"
+    model: nn.Module
+    wrapper: nn.Module
+    blocks: List[nn.Module]
+    attentions: List[nn.Module]
+    parts: Optional[List[BlockParts]]
+    parts_missing: str
+    head: HeadParts
+    num_heads: int
+    head_dim: int
+    embed_dim: int
+    num_prefix_tokens: int
+    has_class_token: bool
+    pooling: str
+    patch_size: Tuple[int, int]
+    in_chans: int
+    pre: Sequence[nn.Module] = ()
+    post: Sequence[nn.Module] = ()
+
+    # ----------------------------------------------------------------- library hooks
+    def embed(self, images: Tensor) -> Tensor:
+        """Tokens ``[B, N, D]`` entering the first block."""
+        raise NotImplementedError
+
+    def _model_logits(self, images: Tensor) -> Tensor:
+        """The ViT's own forward (used by the fallback)."""
+        raise NotImplementedError
+
+    def _patch_attention(self, attn: nn.Module, rec: Record, req: Request) -> Callable:
+        """A forward for ``attn`` that records into ``rec`` (used by the fallback)."""
+        raise NotImplementedError
+
+    def _check_size(self, h: int, w: int) -> None:
+        raise NotImplementedError
+
+    def _grid(self, h: int, w: int) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- description
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def is_training(self) -> bool:
+        """Whether the ViT is in training mode (a new ``nn.Sequential`` around an eval ViT is not)."""
+        return self.model.training
+
+    def vit_input(self, inputs: Tensor) -> Tensor:
+        """The wrapper's preprocessing applied to ``inputs`` (identity for a bare ViT)."""
+        for m in self.pre:
+            inputs = m(inputs)
+        return inputs
+
+    def grid_size(self, inputs: Tensor) -> Tuple[int, int]:
+        """Patch grid ``(gh, gw)`` of the ViT for the images ``inputs`` (after any preprocessing)."""
+        if self.pre:
+            with torch.no_grad():
+                inputs = self.vit_input(inputs[:1])
+        return self._grid(*inputs.shape[-2:])
+
+    def check_input(self, inputs: Tensor) -> None:
+        """Raise a clear error for inputs the model cannot take."""
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor of images [B, C, H, W], got {type(inputs).__name__}")
+        if inputs.dim() != 4:
+            hint = " Add a batch dimension with inputs.unsqueeze(0)." if inputs.dim() == 3 else ""
+            raise ValueError(
+                f"inputs must be a batch of images [B, C, H, W]; got a tensor of shape {tuple(inputs.shape)}.{hint}"
+            )
+        if not inputs.is_floating_point():
+            raise TypeError(
+                f"inputs must be a floating-point tensor (normalised images), got dtype {inputs.dtype}; "
+                "preprocess with the model's data config (see timm.data.resolve_data_config)."
+            )
+        ref = next(self.model.parameters(), None)
+        if ref is not None and inputs.device != ref.device:
+            raise ValueError(
+                f"inputs are on {inputs.device} but the model is on {ref.device}; move one of them "
+                f"(e.g. inputs.to('{ref.device}'))"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError("inputs is an empty batch (B = 0)")
+        if not torch.isfinite(inputs).all():
+            raise ValueError("inputs contain NaN or infinite values; check the image loading and normalisation")
+        if self.pre:
+            return  # the preprocessing decides what the ViT sees; checked again in forward()
+        self._check_vit_input(inputs)
+
+    def _check_vit_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"the ViT's patch embedding expects {self.in_chans}-channel images [B, {self.in_chans}, H, W]; got "
+                f"shape {tuple(x.shape)} (channels-last input? use inputs.permute(0, 3, 1, 2))."
+            )
+        ref = next(self.model.parameters(), None)
+        if ref is not None and x.dtype != ref.dtype:
+            raise TypeError(
+                f"inputs have dtype {x.dtype} but the model's weights are {ref.dtype}; use "
+                f"inputs.to({ref.dtype}) (or autocast)"
+            )
+        self._check_size(x.shape[-2], x.shape[-1])
+
+    def class_row_support(self) -> Tuple[bool, str]:
+        """Whether methods that read the [class]-query row (AGCAM) are defined for this model."""
+        if not self.has_class_token:
+            return False, (
+                "the model has no [class] token (it pools patch tokens instead), so the [class]-query row "
+                "that AGCAM reads does not exist; use a ViT with class_token=True and global_pool='token'"
+            )
+        if self.pooling not in ("token", "token_distill"):
+            return False, (
+                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token, so "
+                "the [class]-query row receives no gradient when attention inputs are detached (the AGCAM "
+                "definition); use a model with global_pool='token'"
+            )
+        return True, ""
+
+    def one_token_support(self) -> Tuple[bool, str]:
+        """Whether the one-token backward (:meth:`class_row_grads`) applies, and why not when it does not."""
+        ok, why = self.class_row_support()
+        if not ok:
+            return ok, why
+        if self.parts is None:
+            return False, self.parts_missing
+        if self.post:
+            return False, "the wrapper transforms the ViT's logits after it (its output is not the ViT's logits)"
+        for i, b in enumerate(self.parts):
+            if b.attn.out_norm is not None:
+                return False, f"block {i}'s attention normalises the head outputs before the projection"
+            if activation_kind(b.act) is None:
+                return False, f"block {i}'s MLP activation {type(b.act).__name__} has no explicit derivative here"
+            for name, norm in (("norm2", b.norm2), ("mlp norm", b.mlp_norm)):
+                if norm is not None and not isinstance(norm, nn.LayerNorm):
+                    return False, f"block {i}'s {name} is {type(norm).__name__}, not LayerNorm"
+        h = self.head
+        if not isinstance(h.norm, nn.LayerNorm) or not (h.fc_norm is None or isinstance(h.fc_norm, nn.LayerNorm)):
+            return False, "the final norm is not LayerNorm"
+        if not h.tokens or h.tokens[0][0] != 0:
+            return False, "the head does not read the [class] token through a linear layer"
+        return True, ""
+
+    # ----------------------------------------------------------------- the forward pass
+    def forward(self, inputs: Tensor, request: Request = Request()) -> Record:
+        """One forward pass of the wrapper over ``inputs``, recording what ``request`` asks for.
+
+        Uses the pure forward over the parts (no patching, no hooks, thread-safe) in eval mode
+        where the parts cover the architecture; otherwise the serialised patched fallback.
+        Returns a :class:`Record` whose ``logits`` are the wrapper's output.
+        """
+        x = self.vit_input(inputs)
+        if self.pre:
+            self._check_vit_input(x)
+        rec = Record(grid=self._grid(*x.shape[-2:]))
+        if self.parts is not None and not self.is_training:
+            logits = self._pure_forward(x, rec, request)
+        else:
+            logits = self._patched_forward(x, rec, request)
+        for m in self.post:
+            logits = m(logits)
+        rec.logits = logits
+        return rec
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The wrapper's output ``[B, num_classes]`` for ``inputs``, recording nothing."""
+        return self.forward(inputs).logits
+
+    def _pure_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
+        tokens = self.embed(images)
+        for b in self.parts:
+            if req.block_inputs:
+                rec.block_inputs.append(tokens)
+            a_in = b.norm1(tokens)
+            if req.detach:
+                a_in = a_in.detach()
+            q, k, v = b.attn.project(a_in)
+            o = attention_core(q, k, v, b.attn.scale, rec, req)
+            u = tokens + _scale(b.ls1, b.attn.output(o.transpose(1, 2).flatten(2)))
+            if req.cls_tokens:
+                rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
+            tokens = u + b.mlp_branch(u)
+        if req.cls_tokens:
+            rec.final_cls = tokens[:, 0].clone()
+        return self.head(tokens)
+
+    @contextlib.contextmanager
+    def _patched(self, rec: Record, req: Request) -> Iterator[None]:
+        """Patch every attention module and hook every block, serialised per model; undone in ``finally``."""
+        with model_lock(self.model):
+            saved: List[Tuple[nn.Module, bool, object]] = []
+            handles = []
+            try:
+                for attn in self.attentions:
+                    saved.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
+                    attn.forward = self._patch_attention(attn, rec, req)
+                if req.block_inputs:
+                    for blk in self.blocks:
+                        handles.append(blk.register_forward_pre_hook(lambda _m, args: rec.block_inputs.append(args[0])))
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                for attn, had, old in saved:
+                    if had:
+                        attn.forward = old
+                    else:
+                        del attn.forward
+
+    def _patched_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
+        if req.cls_tokens:
+            raise ValueError(f"the one-token backward does not apply here: {self.one_token_support()[1] or 'training mode'}")
+        with self._patched(rec, req):
+            return self._model_logits(images)
+
+    # ----------------------------------------------------------------- one-token backward
+    def class_row_grads(self, rec: Record, targets: Tensor, first_layer: int = 0) -> Dict[int, Tensor]:
+        """``dy_t / dA[k][:, :, 0, :]`` for blocks ``k >= first_layer``, with every attention input detached.
+
+        With detached attention inputs and a head reading the [class] token, the gradient of
+        the target logit is non-zero only at the [class] token of every block, so the backward
+        pass is a chain of explicit vector-Jacobian products on one token per image:
+        ``g <- dy/dx_L[cls]``; for each block from the last, ``g <- g + J_mlp^T g``,
+        ``r = W_proj^T (ls1 * g)`` split into heads, ``dy/dA[h, 0, j] = r_h . V[h, j]``.
+        Needs a record of ``Request(values=True, cls_tokens=True)``. Runs without autograd.
+
+        Returns:
+            ``{k: [B, H, N]}``.
+        """
+        B, H, d = targets.shape[0], self.num_heads, self.head_dim
+        head = self.head
+        final = rec.final_cls
+        # Other prefix tokens never feed back into the [class] row: tokens interact only through
+        # the detached attention, so only the heads reading token 0 contribute here.
+        (_, linear), n_heads = head.tokens[0], len(head.tokens)
+        g = linear.weight.index_select(0, targets).to(final.dtype) / n_heads
+        if head.fc_norm is not None:
+            g = layer_norm_vjp(head.norm(final), head.fc_norm, g)
+        g = layer_norm_vjp(final, head.norm, g)
+        grads: Dict[int, Tensor] = {}
+        for k in range(self.num_layers - 1, first_layer - 1, -1):
+            b, u = self.parts[k], rec.mid_cls[k]
+            g = g + self._mlp_vjp(b, u, g)
+            r = linear_vjp(b.attn.proj, layer_scale_vjp(b.ls1, g))
+            values = rec.values[k]
+            grads[k] = torch.einsum("bhd,bhnd->bhn", r.reshape(B, H, d).to(values.dtype), values)
+        return grads
+
+    @staticmethod
+    def _mlp_vjp(b: BlockParts, u: Tensor, g: Tensor) -> Tensor:
+        n = b.norm2(u)
+        h = b.fc1(n)
+        a = b.act(h)
+        g = linear_vjp(b.fc2, layer_scale_vjp(b.ls2, g))
+        if b.mlp_norm is not None:
+            g = layer_norm_vjp(a, b.mlp_norm, g)
+        g = activation_vjp(activation_kind(b.act), h, g)
+        return layer_norm_vjp(u, b.norm2, linear_vjp(b.fc1, g))

@@ -1,0 +1,191 @@
+"""timm ``VisionTransformer`` (also DeiT distilled, register tokens, ``dynamic_img_size``) by its parts."""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, List, Optional, Tuple
+
+from torch import Tensor, nn
+
+from captum_vit.vit.base import (
+    AttentionParts,
+    BlockParts,
+    HeadParts,
+    Record,
+    Request,
+    UnsupportedModelError,
+    ViTAdapter,
+    attention_core,
+)
+
+__all__ = ["TimmViTAdapter", "is_timm_vit"]
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def _opt(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    return None if module is None or isinstance(module, nn.Identity) else module
+
+
+def _gamma(ls: nn.Module) -> Optional[Tensor]:
+    return None if isinstance(ls, nn.Identity) else ls.gamma
+
+
+class TimmViTAdapter(ViTAdapter):
+    library = "timm"
+
+    def __init__(self, model: nn.Module):
+        from timm.layers import Attention
+        from timm.models.deit import VisionTransformerDistilled
+
+        if not is_timm_vit(model):
+            raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
+        self.model = self.wrapper = model
+        self.blocks = list(model.blocks)
+        self.attentions = []
+        for i, blk in enumerate(self.blocks):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(attn, Attention):
+                raise UnsupportedModelError(
+                    f"block {i} ({type(blk).__name__}) has attention module {type(attn).__name__}, which captum-vit "
+                    "cannot read: only timm.layers.Attention (the VisionTransformer default) is supported. "
+                    "Fused or custom attention modules hide the attention map; build the model with the default "
+                    "attn_layer."
+                )
+            self.attentions.append(attn)
+        a0 = self.attentions[0]
+        self.num_heads, self.head_dim = a0.num_heads, a0.head_dim
+        self.embed_dim = model.embed_dim
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        if isinstance(model, VisionTransformerDistilled):
+            self.pooling = "token_distill"
+        elif getattr(model, "attn_pool", None) is not None:
+            self.pooling = "map"
+        else:
+            self.pooling = model.global_pool or "none"
+        pe = model.patch_embed
+        self.patch_size = tuple(pe.patch_size)
+        # The first convolution reads the image (a linear patch projection or a convolutional stem).
+        self.in_chans = next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels
+        self.parts, self.parts_missing = self._describe_blocks()
+        self.head = self._describe_head()
+
+    # ----------------------------------------------------------------- parts
+    def _describe_blocks(self) -> Tuple[Optional[List[BlockParts]], str]:
+        from timm.models.vision_transformer import Block
+
+        parts = []
+        for i, blk in enumerate(self.blocks):
+            if type(blk) is not Block:
+                return None, f"block {i} is {type(blk).__name__}, not the pre-norm timm Block"
+            a, mlp = blk.attn, blk.mlp
+            if getattr(a, "gate", None) is not None:
+                return None, f"block {i}'s attention gates its output"
+            if not all(hasattr(mlp, n) for n in ("fc1", "act", "fc2")) or type(mlp).__name__ != "Mlp":
+                return None, f"block {i}'s MLP is {type(mlp).__name__}, not timm's Mlp"
+            if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+                return None, f"block {i}'s MLP uses convolutions instead of linear layers"
+            attn = AttentionParts(
+                num_heads=a.num_heads,
+                head_dim=a.head_dim,
+                scale=a.scale,
+                proj=a.proj,
+                qkv=a.qkv,
+                q_norm=_opt(a.q_norm),
+                k_norm=_opt(a.k_norm),
+                out_norm=_opt(getattr(a, "norm", None)),
+            )
+            parts.append(
+                BlockParts(
+                    norm1=blk.norm1,
+                    attn=attn,
+                    norm2=blk.norm2,
+                    fc1=mlp.fc1,
+                    act=mlp.act,
+                    fc2=mlp.fc2,
+                    ls1=_gamma(blk.ls1),
+                    ls2=_gamma(blk.ls2),
+                    mlp_norm=_opt(getattr(mlp, "norm", None)),
+                )
+            )
+        return parts, ""
+
+    def _describe_head(self) -> HeadParts:
+        m = self.model
+        tokens: Tuple = ()
+        if self.pooling == "token" and isinstance(m.head, nn.Linear):
+            tokens = ((0, m.head),)
+        elif self.pooling == "token_distill" and isinstance(m.head, nn.Linear):
+            tokens = ((0, m.head), (1, m.head_dist))
+        return HeadParts(
+            norm=m.norm,
+            pooling=self.pooling,
+            tokens=tokens,
+            fc_norm=_opt(getattr(m, "fc_norm", None)),
+            pooled=None if tokens else m.forward_head,
+        )
+
+    # ----------------------------------------------------------------- library hooks
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def embed(self, images: Tensor) -> Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def _model_logits(self, images: Tensor) -> Tensor:
+        out = self.model(images)
+        if isinstance(out, tuple):  # distilled training mode returns (cls, dist)
+            out = (out[0] + out[1]) / 2
+        return out
+
+    def _check_size(self, h: int, w: int) -> None:
+        pe = self.model.patch_embed
+        ph, pw = self.patch_size
+        dynamic = getattr(self.model, "dynamic_img_size", False)
+        if not dynamic and pe.img_size is not None and getattr(pe, "strict_img_size", True):
+            if (h, w) != tuple(pe.img_size):
+                raise ValueError(
+                    f"input size {h}x{w} does not match the model's fixed input size "
+                    f"{pe.img_size[0]}x{pe.img_size[1]}; resize the images, or create the model with "
+                    "dynamic_img_size=True to accept other sizes"
+                )
+        if not pe.dynamic_img_pad and (h % ph or w % pw):
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop to a multiple "
+                "of the patch size, or create the model with dynamic_img_pad=True"
+            )
+
+    def _grid(self, h: int, w: int) -> Tuple[int, int]:
+        return tuple(self.model.patch_embed.dynamic_feat_size((h, w)))
+
+    def _patch_attention(self, attn: nn.Module, rec: Record, req: Request) -> Callable:
+        def forward(mod, x, attn_mask=None, is_causal=False):
+            if attn_mask is not None or is_causal:
+                raise ValueError("captum-vit explains unmasked self-attention; got an attention mask")
+            if req.detach:
+                x = x.detach()
+            B, N, _ = x.shape
+            parts = AttentionParts(
+                num_heads=mod.num_heads, head_dim=mod.head_dim, scale=mod.scale, proj=mod.proj, qkv=mod.qkv,
+                q_norm=mod.q_norm, k_norm=mod.k_norm, out_norm=getattr(mod, "norm", None),
+            )
+            q, k, v = parts.project(x)
+            gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
+            out = attention_core(q, k, v, mod.scale, rec, req, mod.attn_drop if mod.training else None)
+            out = out.transpose(1, 2).reshape(B, N, -1)
+            if parts.out_norm is not None:
+                out = parts.out_norm(out)
+            if gate is not None:
+                out = out * gate
+            return mod.proj_drop(mod.proj(out))
+
+        return types.MethodType(forward, attn)
