@@ -1,0 +1,68 @@
+"""Several threads explaining one model at once: same maps as one at a time, model left as found."""
+
+import threading
+
+import pytest
+import torch
+
+from captum_vit import AGCAM
+from conftest import input_for, make
+from test_agcam import _close, _state
+
+THREADS, CALLS = 4, 8
+
+
+def _jobs(arch):
+    # Each call its own batch (1-3 images) and its own mixed targets.
+    jobs = []
+    for t in range(THREADS):
+        for c in range(CALLS):
+            b = 1 + (t + c) % 3
+            jobs.append((input_for(arch, batch=b, seed=100 + 10 * t + c), [(t * 7 + c * 3 + i) % 10 for i in range(b)]))
+    return jobs
+
+
+@pytest.mark.parametrize("arch", ["plain", "registers", "respost", "hf"])
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_threads_share_one_model(arch, engine):
+    model = make(arch)
+    before = _state(model)
+    x_plain = input_for(arch, batch=2, seed=5)
+    with torch.no_grad():
+        plain_before = (model(x_plain) if arch != "hf" else model(pixel_values=x_plain).logits).clone()
+    method = AGCAM(model, engine=engine)
+    jobs = _jobs(arch)
+    expected = [method.attribute(x, target=t) for x, t in jobs]
+
+    results, errors = [None] * len(jobs), []
+    barrier = threading.Barrier(THREADS)
+
+    def worker(t):
+        barrier.wait()  # start together so that the calls overlap
+        try:
+            for c in range(CALLS):
+                i = t * CALLS + c
+                x, tg = jobs[i]
+                results[i] = method.attribute(x, target=tg)
+        except Exception as e:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    # One intra-op thread per caller, as a threaded server would run: four callers each
+    # spinning up an OpenMP pool on a 2-core machine only makes the test slow and its time erratic.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        torch.set_num_threads(n_threads)
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        _close(got, want)
+    assert _state(model) == before
+    with torch.no_grad():
+        plain_after = model(x_plain) if arch != "hf" else model(pixel_values=x_plain).logits
+    assert torch.equal(plain_after, plain_before)
