@@ -134,6 +134,25 @@ def _scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
     return x if gamma is None else x * gamma
 
 
+def _pure_block(b: BlockParts, tokens: Tensor, rec: "Record", req: "Request") -> Tensor:
+    # A function of its own, so that the block's temporaries (qkv, attention output, u) are
+    # freed when it returns, as in the model's own block forward, instead of living on
+    # through the next block and raising the peak memory.
+    if req.block_inputs:
+        rec.block_inputs.append(tokens)
+    a_in = b.norm1(tokens)
+    if req.detach:
+        a_in = a_in.detach()
+    q, k, v = b.attn.project(a_in)
+    o = attention_core(q, k, v, b.attn.scale, rec, req)
+    del q, k, v, a_in
+    u = tokens + _scale(b.ls1, b.attn.output(o.transpose(1, 2).flatten(2)))
+    del o
+    if req.cls_tokens:
+        rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
+    return u + b.mlp_branch(u)
+
+
 # --------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Request:
@@ -420,17 +439,7 @@ class ViTAdapter:
     def _pure_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
         tokens = self.embed(images)
         for b in self.parts:
-            if req.block_inputs:
-                rec.block_inputs.append(tokens)
-            a_in = b.norm1(tokens)
-            if req.detach:
-                a_in = a_in.detach()
-            q, k, v = b.attn.project(a_in)
-            o = attention_core(q, k, v, b.attn.scale, rec, req)
-            u = tokens + _scale(b.ls1, b.attn.output(o.transpose(1, 2).flatten(2)))
-            if req.cls_tokens:
-                rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
-            tokens = u + b.mlp_branch(u)
+            tokens = _pure_block(b, tokens, rec, req)
         if req.cls_tokens:
             rec.final_cls = tokens[:, 0].clone()
         return self.head(tokens)

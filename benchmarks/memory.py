@@ -1,0 +1,111 @@
+"""Peak memory of AGCAM against a plain ``no_grad`` forward pass, each in a fresh process.
+
+Each measurement runs in its own Python process: build the model and the batch, reset the
+kernel's peak-RSS counter (``/proc/self/clear_refs``), run the call once, and report the
+growth of the peak resident set over the resident set just before the call. A fresh process
+keeps one measurement's freed-but-cached memory from hiding the next one's. Linux only.
+
+    python benchmarks/memory.py --out benchmarks/results/memory_cpu_fp32.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALLS = ("forward", "agcam_one_token", "agcam_generic")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(call: str, model_name: str, batch: int) -> dict:
+    """Run in the child process: peak RSS growth of one call, in bytes."""
+    import timm
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from captum_vit import AGCAM
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    t = torch.arange(batch) % model.num_classes
+    fn = {
+        "forward": lambda: model(x),
+        "agcam_one_token": lambda: AGCAM(model, engine="one_token").attribute(x, target=t),
+        "agcam_generic": lambda: AGCAM(model, engine="generic").attribute(x, target=t),
+    }[call]
+    gc.collect()
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    with torch.no_grad():
+        out = fn()
+    peak = _status("VmHWM")
+    del out
+    return {"call": call, "model": model_name, "batch": batch, "peak_growth_bytes": peak - base}
+
+
+def run(models, batch):
+    rows = []
+    for name in models:
+        row = {"model": name, "batch": batch}
+        for call in CALLS:
+            res = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--child", call, name, str(batch)],
+                check=True, capture_output=True, text=True,
+            )
+            row[call] = json.loads(res.stdout.strip().splitlines()[-1])["peak_growth_bytes"] / 2**20
+            print(f"  {name} b={batch} {call}: +{row[call]:.0f} MB", flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows, header):
+    lines = [header, "",
+             "| model | batch | forward (no_grad) | AGCAM one-token (x fwd) | AGCAM generic (x fwd) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        f = r["forward"]
+        lines.append(f"| {r['model']} | {r['batch']} | +{f:.0f} MB | +{r['agcam_one_token']:.0f} MB "
+                     f"({r['agcam_one_token'] / f:.2f}x) | +{r['agcam_generic']:.0f} MB ({r['agcam_generic'] / f:.2f}x) |")
+    return "\n".join(lines)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default=None, help="write the table (markdown) and a .json beside it")
+    a = ap.parse_args()
+    import torch
+
+    header = (f"Peak resident-memory growth during one call (CPU, fp32, {platform.machine()}, torch {torch.__version__}); "
+              "each call in a fresh process; random-init weights.")
+    print(header, flush=True)
+    md = table(run(a.models, a.batch), header)
+    print()
+    print(md)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
