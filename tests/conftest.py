@@ -1,7 +1,15 @@
 """Tiny ViT variants shared by the tests (random init, CPU, fast)."""
 
+import os
+import sys
+
 import pytest
 import torch
+
+# tools/ (training recipes) is not installed with the package; its tests import it from the repository root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=10)
 
