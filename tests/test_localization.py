@@ -1,4 +1,4 @@
-"""Localization metrics against hand-computed numbers and independent references (SPEC.md section 3)."""
+"""Localization metrics against hand-computed numbers and independent references of the protocol."""
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ EPS = 1e-5
 
 
 def _formulas(tp, fp, fn, tn, eps=EPS):
-    """The five metrics written straight from SPEC.md section 3."""
+    """The five metrics written straight from their definitions (TP, FP, FN, TN pixel counts, eps = 1e-5)."""
     return {
         "pixel_accuracy": (tp + tn + eps) / (tp + tn + fp + fn + eps),
         "iou": (tp + eps) / (tp + fp + fn + eps),
@@ -216,7 +216,7 @@ def test_evaluate_localization_hand_example():
 
 
 def _reference_pipeline(map_2d, gt_boxes, threshold, size):
-    """numpy/cv2/scipy version of SPEC section 3, sharing no code with the library."""
+    """numpy/cv2/scipy version of the protocol, sharing no code with the library."""
     import cv2
 
     up = cv2.resize(map_2d.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
