@@ -18,7 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
     src = g.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="FILE", help="state-dict file, loaded with weights_only=True")
     src.add_argument("--pretrained", action="store_true", help="use timm's pretrained weights (cached or downloaded)")
-    g.add_argument("--num-classes", type=int, metavar="N", help="number of classes (default: from the checkpoint's head)")
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="number of classes (default: from the checkpoint's head)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 

@@ -2,9 +2,10 @@
 
 ``run_demo`` draws held-out images from :class:`captum_vit.data.ShapesDataset`, classifies them,
 keeps the correctly classified ones (the weakly-supervised localization protocol scores maps only
-where the classifier is right), computes every requested method's map for the predicted class, and reports the five localization metrics per method, the multi-instance rate
-(images with at least two instances of the class where the predicted contour boxes touch every
-instance), a gallery figure and a JSON file. Everything runs in batches.
+where the classifier is right), computes every requested method's map for the predicted class,
+and reports the five localization metrics per method, the multi-instance rate (images with at
+least two instances of the class where the predicted contour boxes touch every instance), a
+gallery figure and a JSON file. Everything runs in batches.
 
 Command line: ``captum-vit demo --n 300 --seed 2024 --out captum_vit_demo --methods agcam`` or
 ``python -m captum_vit.demo ...``.
@@ -88,7 +89,8 @@ def format_table(scores: Dict[str, Any]) -> str:
         f"localization on {scores['n_evaluated']} "
         f"{'correctly classified images' if scores['only_correct'] else 'images'}, map for the predicted class",
     ]
-    head = f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES) + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}"
+    head = (f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES)
+            + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}")
     lines += [head, "-" * len(head)]
     for name, s in scores["methods"].items():
         lines.append(f"{name:<12}" + "".join(f"{_fmt(s[k]):>9}" for k in METRIC_NAMES)
@@ -339,7 +341,8 @@ def run_demo_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m captum_vit.demo", description=__doc__.split("\n")[0]))
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m captum_vit.demo",
+                                                        description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     try:
         run_demo_from_args(args)

@@ -69,8 +69,9 @@ def load_model(
         raise ValueError("give either --checkpoint or --pretrained, not both")
     if name == SHAPES_NAME:
         if pretrained:
-            raise ValueError(f"--pretrained does not apply to {SHAPES_NAME!r}: its weights are always the shipped ones; "
-                             "drop --pretrained (or give --checkpoint FILE for other weights of the same architecture)")
+            raise ValueError(f"--pretrained does not apply to {SHAPES_NAME!r}: its weights are always the shipped "
+                             "ones; drop --pretrained (or give --checkpoint FILE for other weights of the same "
+                             "architecture)")
         from captum_vit.zoo import SHAPES_CLASSES, shapes_vit
 
         model, cfg = shapes_vit(checkpoint=checkpoint, device=device)

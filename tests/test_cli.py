@@ -57,7 +57,8 @@ def test_explain_target_option(images, checkpoint, tmp_path, capsys):
     assert os.path.exists(tmp_path / "img0_agcam_class3.png")
 
 
-def test_explain_errors(images, checkpoint, tmp_path, capsys):
+def test_explain_errors(images, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out folder lands here, not in the repository
     path, _ = checkpoint
     assert main(["explain", images[0], "--model", MODEL, "--checkpoint", str(tmp_path / "nope.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def _parent_training_seeds(init):
     path = os.path.splitext(init)[0] + ".json"
     if not os.path.isfile(path):
         return []
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     return [int(s) for s in cfg.get("training_seeds", [cfg.get("dataset", {}).get("train", {}).get("seed", 0)])]
 
@@ -318,8 +318,11 @@ def main(argv=None):
     for k in deep_idx:
         model.blocks[k].register_forward_hook(lambda m, i, o, k=k: deep_out.__setitem__(k, o))
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
-    decay = [p_ for n_, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_]
-    no_decay = [p_ for n_, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_)]
+    def decays(name, param):  # no weight decay on biases, norms, position embeddings and tokens
+        return param.ndim > 1 and "pos_embed" not in name and "token" not in name
+
+    decay = [p_ for n_, p_ in model.named_parameters() if decays(n_, p_)]
+    no_decay = [p_ for n_, p_ in model.named_parameters() if not decays(n_, p_)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay + list(aux_head.parameters()) + list(deep_heads.parameters()),
                               "weight_decay": 0.0}],

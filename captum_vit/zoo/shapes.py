@@ -56,7 +56,7 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 
 def load_config(path: Optional[str] = None) -> Dict[str, Any]:
-    with open(path or CONFIG_PATH, "r", encoding="utf-8") as f:
+    with open(path or CONFIG_PATH, encoding="utf-8") as f:
         return json.load(f)
 
 
