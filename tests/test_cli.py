@@ -42,7 +42,8 @@ def test_explain_with_checkpoint_infers_num_classes(images, checkpoint, tmp_path
     assert text.count("predicted class") == 2
     pngs = sorted(os.listdir(out))
     assert len(pngs) == 2 and all(p.endswith(".png") for p in pngs)
-    assert Image.open(out / pngs[0]).size == (224, 224)
+    with Image.open(out / pngs[0]) as im:
+        assert im.size == (224, 224)
     model, cfg, _ = load_model(MODEL, checkpoint=path)
     assert model.num_classes == 7 and not model.training
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
