@@ -54,7 +54,8 @@ def test_minmax_per_image_and_constant_maps():
 
 
 def test_upsample_matches_cv2_half_pixel_bilinear():
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(3, 1, 14, 14, generator=g)
     up = upsample(maps, 224)
@@ -148,7 +149,6 @@ def _scipy_box_mask(m):
 
 
 def test_contour_box_mask_matches_scipy_components():
-    pytest.importorskip("scipy")
     for m in _blob_masks(25, 64, seed=0):
         got = boxes_to_mask(contour_boxes(torch.from_numpy(m)), m.shape).numpy()
         np.testing.assert_array_equal(got, _scipy_box_mask(m))
@@ -231,8 +231,6 @@ def _reference_pipeline(map_2d, gt_boxes, threshold, size):
 
 
 def test_evaluate_localization_matches_reference_pipeline():
-    pytest.importorskip("scipy")
-    pytest.importorskip("cv2")
     g = torch.Generator().manual_seed(5)
     B = 6
     maps = torch.rand(B, 1, 14, 14, generator=g) ** 3 * 10

@@ -25,6 +25,14 @@ def test_shipped_files():
         assert not f.read(64).startswith(b"version https://git-lfs"), "weights are a Git LFS pointer"
 
 
+def test_package_folder_holds_weights_and_config_only():
+    """setup.cfg ships captum_vit/zoo/*.pth and *.json; training code and logs belong in tools/."""
+    folder = os.path.dirname(WEIGHTS_PATH)
+    files = {f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))}
+    assert {f for f in files if not f.endswith((".py", ".pth", ".json"))} == set()
+    assert {f for f in files if f.endswith(".py")} == {"__init__.py", "shapes.py"}
+
+
 def test_training_seeds_cover_the_last_run():
     cfg = load_config()
     seeds = training_seeds()
