@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "explain"]
+__all__ = ["main", "explain", "overlay_stems", "build_parser"]
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -18,7 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
     src = g.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="FILE", help="state-dict file, loaded with weights_only=True")
     src.add_argument("--pretrained", action="store_true", help="use timm's pretrained weights (cached or downloaded)")
-    g.add_argument("--num-classes", type=int, metavar="N", help="number of classes (default: from the checkpoint's head)")
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="number of classes (default: from the checkpoint's head)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -28,6 +29,24 @@ def _denormalise(x, cfg):
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)
     return ((x.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def overlay_stems(images: List[str]) -> List[str]:
+    """One distinct output stem per image, in order: the file's stem, then ``_2``, ``_3``, ... on repeats.
+
+    Compared case-insensitively, so that two overlays never overwrite each other on a
+    case-insensitive file system either.
+    """
+    used, stems = set(), []
+    for path in images:
+        base = os.path.splitext(os.path.basename(path))[0]
+        stem, k = base, 1
+        while stem.casefold() in used:
+            k += 1
+            stem = f"{base}_{k}"
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
 
 
 def explain(
@@ -41,32 +60,35 @@ def explain(
     device: str = "cpu",
     batch_size: int = 16,
 ) -> List[dict]:
-    """Explain image files with AGCAM; write one overlay PNG per image. Returns one record per image."""
-    import torch
+    """Explain image files with AGCAM; write one overlay PNG per image. Returns one record per image.
 
+    Overlays are named ``<stem>_agcam_class<c>.png`` after the image file; images whose stems
+    coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`overlay_stems`).
+    """
     from captum_vit import AGCAM
     from captum_vit.models import load_model, preprocess_images
     from captum_vit.viz import save_overlay
 
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file, not a folder; give a folder path (created if missing)")
     net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                  device=device)
     agcam = AGCAM(net)
     os.makedirs(out, exist_ok=True)
+    stems = overlay_stems(images)
     records = []
     for start in range(0, len(images), batch_size):
         paths = images[start : start + batch_size]
         x, _ = preprocess_images(paths, cfg)
         x = x.to(device)
-        with torch.no_grad():
-            probs = net(x).softmax(-1)
+        # one forward per batch: the method returns the logits of the forward it explains
+        cams, logits = agcam.attribute(x, target=target, return_logits=True)
+        probs = logits.detach().float().softmax(-1)
         pred = probs.argmax(-1)
-        tgt_t = pred if target is None else torch.full_like(pred, target)
-        cams = agcam.attribute(x, target=tgt_t)
         for i, path in enumerate(paths):
-            c = int(tgt_t[i])
-            stem = os.path.splitext(os.path.basename(path))[0]
-            png = os.path.join(out, f"{stem}_agcam_class{c}.png")
-            save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].cpu())
+            c = int(pred[i]) if target is None else int(target)
+            png = os.path.join(out, f"{stems[start + i]}_agcam_class{c}.png")
+            save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].detach().cpu())
             p = int(pred[i])
             rec = {
                 "image": path, "predicted": p, "predicted_name": names[p] if names else None,
@@ -96,13 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captum-vit", description="Class-specific explanations for Vision Transformers (AGCAM, Captum)."
     )
+    from captum_vit import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("explain", help="explain image files with AGCAM and write overlay PNGs")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     _add_model_args(p)
     p.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
-    p.add_argument("--out", default="captum_vit_out", metavar="DIR", help="output folder (default: captum_vit_out)")
+    p.add_argument("--out", default="captum_vit_out", metavar="DIR",
+                   help="output folder, created if missing (default: captum_vit_out)")
     p.set_defaults(func=_cmd_explain)
 
     from captum_vit.demo import add_demo_arguments

@@ -1,10 +1,11 @@
 """End-to-end demo: explain the shipped shapes ViT and score the maps with the localization protocol.
 
 ``run_demo`` draws held-out images from :class:`captum_vit.data.ShapesDataset`, classifies them,
-keeps the correctly classified ones (SPEC.md section 3), computes every requested method's map for
-the predicted class, and reports the five localization metrics per method, the multi-instance rate
-(images with at least two instances of the class where the predicted contour boxes touch every
-instance), a gallery figure and a JSON file. Everything runs in batches.
+keeps the correctly classified ones (the weakly-supervised localization protocol scores maps only
+where the classifier is right), computes every requested method's map for the predicted class,
+and reports the five localization metrics per method, the multi-instance rate (images with at
+least two instances of the class where the predicted contour boxes touch every instance), a
+gallery figure and a JSON file. Everything runs in batches.
 
 Command line: ``captum-vit demo --n 300 --seed 2024 --out captum_vit_demo --methods agcam`` or
 ``python -m captum_vit.demo ...``.
@@ -18,7 +19,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
 
 import torch
@@ -26,10 +26,7 @@ import torch
 from captum_vit.metrics.localization import METRIC_NAMES, boxes_touch_instances, evaluate_localization, mean
 
 __all__ = ["run_demo", "add_demo_arguments", "run_demo_from_args", "resolve_methods", "format_table", "main",
-           "TRAIN_SEED"]
-
-#: Seed of the shipped model's training images; the demo must draw other images.
-TRAIN_SEED = 0
+           "validate_demo_options"]
 
 _SHORT = {"pixel_accuracy": "pix.acc", "iou": "IoU", "dice": "Dice", "precision": "prec.", "recall": "recall"}
 
@@ -92,7 +89,8 @@ def format_table(scores: Dict[str, Any]) -> str:
         f"localization on {scores['n_evaluated']} "
         f"{'correctly classified images' if scores['only_correct'] else 'images'}, map for the predicted class",
     ]
-    head = f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES) + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}"
+    head = (f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES)
+            + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}")
     lines += [head, "-" * len(head)]
     for name, s in scores["methods"].items():
         lines.append(f"{name:<12}" + "".join(f"{_fmt(s[k]):>9}" for k in METRIC_NAMES)
@@ -126,20 +124,25 @@ def run_demo(
     only_correct: bool = True,
     stream: Optional[TextIO] = None,
 ) -> Dict[str, Any]:
-    r"""Explain held-out shapes images with each method and score the maps (SPEC.md section 3).
+    r"""Explain held-out shapes images with each method and score the maps for the predicted class.
+
+    Per batch, the first method's ``attribute(x, target=None, return_logits=True)`` gives the
+    predictions and its maps in one forward (so any model the methods support works, a Hugging
+    Face ViT included); the other methods are given the predicted classes as targets.
 
     Args:
-        n (int, optional): number of images drawn from ``ShapesDataset("single", seed=seed)``.
-            Default: 300
-        seed (int, optional): dataset seed; must differ from the training seed
-            (:data:`TRAIN_SEED`, a warning is raised otherwise). Default: 2024
+        n (int, optional): number of images drawn from ``ShapesDataset("single", seed=seed)``;
+            at least 1. Default: 300
+        seed (int, optional): dataset seed; must not be one of the shipped model's training
+            seeds (:func:`captum_vit.zoo.training_seeds`). Default: 2024
         out (str, optional): output folder for ``gallery.png`` and ``scores.json``; ``None``
             writes nothing. Default: ``"captum_vit_demo"``
         methods (optional): method names (see :func:`resolve_methods`); ``None`` = all registered.
         batch_size (int, optional): images per model call. Default: 16
         gallery_rows (int, optional): images shown in the gallery (the first evaluated ones);
             0 skips the figure. Default: 6
-        threshold (float, optional): binarisation threshold on the min-max map. Default: 0.5
+        threshold (float, optional): binarisation threshold on the min-max map, in [0, 1].
+            Default: 0.5
         progress (bool, optional): show a tqdm progress bar. Default: True
         model (nn.Module, optional): a classifier to use instead of the shipped
             :func:`captum_vit.zoo.shapes_vit` (in eval mode). Default: None
@@ -156,6 +159,10 @@ def run_demo(
         ``methods`` = ``{name: {pixel_accuracy, iou, dice, precision, recall,
         multi_instance_rate, n_multi_instance, seconds}}`` (means over evaluated images; NaN when
         there are none). The same numbers are written to ``out/scores.json`` (NaN as null).
+
+    Raises:
+        ValueError: ``n`` or ``batch_size`` below 1, ``threshold`` outside [0, 1], ``seed`` a
+            training seed, or a model in train mode.
     """
     from tqdm.auto import tqdm
 
@@ -163,9 +170,7 @@ def run_demo(
 
     t_start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout
-    if int(seed) == TRAIN_SEED:
-        warnings.warn(f"seed {seed} is the shipped model's training seed: these images are not held out",
-                      stacklevel=2)
+    validate_demo_options(n=n, seed=seed, threshold=threshold, batch_size=batch_size)
     if model is None:
         from captum_vit.zoo import shapes_vit
 
@@ -177,6 +182,7 @@ def run_demo(
     mean_, std_ = tuple(data_config.get("mean", (0.5,) * 3)), tuple(data_config.get("std", (0.5,) * 3))
     classes = resolve_methods(methods)
     explainers = {name: cls(model) for name, cls in classes.items()}
+    first = next(iter(explainers))
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -198,8 +204,12 @@ def run_demo(
         for batch in loader:
             x = batch["image"].to(device)
             labels = batch["label"].to(device)
-            with torch.no_grad():
-                pred = model(x).argmax(-1)
+            # one forward per batch: the first method's maps for the predicted class come with its logits
+            t0 = time.perf_counter()
+            maps_first, logits = explainers[first].attribute(x, target=None, upsample_to_input=False,
+                                                             return_logits=True)
+            seconds[first] += time.perf_counter() - t0
+            pred = logits.detach().argmax(-1)
             correct = pred == labels
             n_correct += int(correct.sum())
             keep = torch.nonzero(correct if only_correct else torch.ones_like(correct)).flatten().tolist()
@@ -221,7 +231,11 @@ def run_demo(
             size = tuple(x.shape[-2:])
             for name, explainer in explainers.items():
                 t0 = time.perf_counter()
-                maps = explainer.attribute(xk, target=targets, upsample_to_input=False).detach().float().cpu()
+                if name == first:
+                    maps = maps_first[keep]
+                else:
+                    maps = explainer.attribute(xk, target=targets, upsample_to_input=False, return_logits=False)
+                maps = maps.detach().float().cpu()
                 metrics, pboxes = evaluate_localization(maps, gt, threshold=threshold, size=size, return_boxes=True)
                 seconds[name] += time.perf_counter() - t0
                 for k in METRIC_NAMES:
@@ -272,6 +286,30 @@ def run_demo(
     return scores
 
 
+def validate_demo_options(n: int, seed: int, threshold: float, batch_size: int = 1) -> None:
+    r"""Check the demo's options; raise ``ValueError`` naming the problem and the fix.
+
+    Args:
+        n (int): number of images, at least 1.
+        seed (int): dataset seed, none of :func:`captum_vit.zoo.training_seeds`.
+        threshold (float): binarisation threshold in [0, 1].
+        batch_size (int, optional): images per model call, at least 1. Default: 1
+    """
+    from captum_vit.zoo import training_seeds
+
+    if int(n) < 1:
+        raise ValueError(f"the number of images n={n} must be at least 1; pass a positive --n")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size {batch_size} must be at least 1; pass a positive --batch-size")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold {threshold} is outside [0, 1] (maps are min-max normalised before "
+                         "thresholding); pass a --threshold between 0 and 1")
+    seeds = training_seeds()
+    if int(seed) in seeds:
+        raise ValueError(f"seed {seed} is one of the shipped model's training seeds {sorted(seeds)}, so its images "
+                         "are not held out; pass another --seed (the default is 2024)")
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r"""Add the demo's options (``--n --seed --out --methods --batch-size --gallery-rows
     --threshold --no-progress``) to an argparse parser.
@@ -284,13 +322,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """
     parser.add_argument("--n", type=int, default=300, help="number of held-out images (default 300)")
     parser.add_argument("--seed", type=int, default=2024,
-                        help=f"dataset seed, not the training seed {TRAIN_SEED} (default 2024)")
+                        help="dataset seed, not one of the shipped model's training seeds (default 2024)")
     parser.add_argument("--out", default="captum_vit_demo", help="output folder (default captum_vit_demo)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method names, space or comma separated (default: all registered)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     parser.add_argument("--gallery-rows", type=int, default=6, help="images in gallery.png (default 6)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="binarisation threshold in [0, 1] on the min-max map (default 0.5)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -302,8 +341,13 @@ def run_demo_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m captum_vit.demo", description=__doc__.split("\n")[0]))
-    run_demo_from_args(parser.parse_args(argv))
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m captum_vit.demo",
+                                                        description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    try:
+        run_demo_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2
     return 0
 
 

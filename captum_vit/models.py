@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -56,7 +57,9 @@ def load_model(
         name: a timm model name (``vit_base_patch16_224``, ``deit_small_distilled_patch16_224``,
             ...) or ``"shapes_vit"`` for the small ViT shipped with captum-vit.
         checkpoint: optional state-dict file (loaded with ``weights_only=True``).
-        pretrained: ask timm for its pretrained weights (needs them cached or a network).
+        pretrained: ask timm for its pretrained weights (needs them cached or a network). Not for
+            ``"shapes_vit"``, whose weights are always the shipped ones (``ValueError``). A timm model
+            with neither ``checkpoint`` nor ``pretrained`` has random weights and gets a warning.
         num_classes: number of classes; inferred from the checkpoint's head when omitted.
 
     Returns:
@@ -65,6 +68,10 @@ def load_model(
     if checkpoint and pretrained:
         raise ValueError("give either --checkpoint or --pretrained, not both")
     if name == SHAPES_NAME:
+        if pretrained:
+            raise ValueError(f"--pretrained does not apply to {SHAPES_NAME!r}: its weights are always the shipped "
+                             "ones; drop --pretrained (or give --checkpoint FILE for other weights of the same "
+                             "architecture)")
         from captum_vit.zoo import SHAPES_CLASSES, shapes_vit
 
         model, cfg = shapes_vit(checkpoint=checkpoint, device=device)
@@ -95,6 +102,10 @@ def load_model(
                 f"checkpoint {checkpoint!r} does not fit model {name!r}: {str(e).splitlines()[0]} "
                 f"{' '.join(str(e).split()[1:12])}... Check --model and --num-classes."
             ) from e
+    if state is None and not pretrained:
+        warnings.warn(f"model {name!r} has random weights (neither --pretrained nor --checkpoint was given), so its "
+                      "predictions and explanations mean nothing; add --pretrained or --checkpoint FILE",
+                      UserWarning, stacklevel=2)
     model = model.to(device).eval()
     cfg = resolve_data_config(model=model)
     return model, cfg, class_names(model)

@@ -1,7 +1,14 @@
 """Tiny ViT variants shared by the tests (random init, CPU, fast)."""
 
-import pytest
+import os
+import sys
+
 import torch
+
+# tools/ (training recipes) is not installed with the package; its tests import it from the repository root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=10)
 
@@ -51,7 +58,8 @@ def make_timm(variant: str):
 
 
 def make_hf():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a dev dependency: a missing one fails the tests rather than skipping them
+
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(
         image_size=64, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,

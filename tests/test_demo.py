@@ -4,14 +4,18 @@ import argparse
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from captum_vit.attr import AGCAM
+from captum_vit.cli import main as cli_main
 from captum_vit.data import ShapesDataset
-from captum_vit.demo import add_demo_arguments, format_table, resolve_methods, run_demo, run_demo_from_args
+from captum_vit.demo import add_demo_arguments, format_table, main, resolve_methods, run_demo, run_demo_from_args
 from captum_vit.metrics import METRIC_NAMES
+from captum_vit.zoo import training_seeds
 
 
 def _tiny_vit():
@@ -36,22 +40,59 @@ class _ConstantClassifier(nn.Module):
 
 
 class _RecordingMethod:
-    """Stand-in attribution method: records its calls, returns a fixed map per image."""
+    """Stand-in attribution method with the methods' ``attribute`` contract, recording its calls.
+
+    Returns a fixed map per image; with ``return_logits=True`` also the logits of its one forward
+    (``target=None`` explains the predicted class). Counts forwards in ``forwards``.
+    """
 
     calls = []
+    forwards = 0
 
     def __init__(self, model):
         self.model = model
 
-    def attribute(self, inputs, target=None, upsample_to_input=False):
-        _RecordingMethod.calls.append((inputs.shape[0], torch.as_tensor(target).clone(), upsample_to_input))
+    def attribute(self, inputs, target=None, upsample_to_input=False, return_logits=False):
+        _RecordingMethod.calls.append((inputs.shape[0], None if target is None else torch.as_tensor(target).clone(),
+                                       upsample_to_input, return_logits))
+        with torch.no_grad():
+            logits = self.model(inputs)
+        _RecordingMethod.forwards += 1
         maps = torch.zeros(inputs.shape[0], 1, 7, 7)
         maps[:, :, 2:5, 2:5] = 1.0  # a centred blob
+        return (maps, logits) if return_logits else maps
+
+
+class _SecondMethod(_RecordingMethod):
+    calls = []
+
+    def attribute(self, inputs, target=None, upsample_to_input=False, return_logits=False):
+        _SecondMethod.calls.append((inputs.shape[0], None if target is None else torch.as_tensor(target).clone(),
+                                    upsample_to_input, return_logits))
+        maps = torch.zeros(inputs.shape[0], 1, 7, 7)
+        maps[:, :, 0:2, 0:2] = 1.0  # a corner blob
         return maps
 
 
+class _CountingModel(nn.Module):
+    """Wraps a classifier and counts its forward calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.eval()
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def _reset():
+    _RecordingMethod.calls, _RecordingMethod.forwards, _SecondMethod.calls = [], 0, []
+
+
 def test_demo_writes_files_and_prints_the_table(tmp_path):
-    pytest.importorskip("captum_vit.attr.agcam")
     stream = io.StringIO()
     out = tmp_path / "demo"
     scores = run_demo(n=6, seed=2024, out=str(out), methods=["agcam"], batch_size=4, gallery_rows=3,
@@ -69,16 +110,25 @@ def test_demo_writes_files_and_prints_the_table(tmp_path):
 
 
 def test_demo_keeps_only_correctly_classified_images(tmp_path):
-    _RecordingMethod.calls = []
+    _reset()
     labels = [ShapesDataset("single", seed=2024, size=10).raw(i)["label"] for i in range(10)]
     c = max(set(labels), key=labels.count)
     stream = io.StringIO()
-    scores = run_demo(n=10, seed=2024, out=str(tmp_path), methods={"stub": _RecordingMethod}, batch_size=4,
-                      gallery_rows=2, progress=False, model=_ConstantClassifier(c), stream=stream)
+    model = _CountingModel(_ConstantClassifier(c))
+    scores = run_demo(n=10, seed=2024, out=str(tmp_path), methods={"stub": _RecordingMethod, "second": _SecondMethod},
+                      batch_size=4, gallery_rows=2, progress=False, model=model, stream=stream)
     assert scores["n_correct"] == scores["n_evaluated"] == labels.count(c)
     assert scores["accuracy"] == pytest.approx(labels.count(c) / 10)
-    assert sum(b for b, _, _ in _RecordingMethod.calls) == labels.count(c)
-    assert all(bool((t == c).all()) and up is False for _, t, up in _RecordingMethod.calls)
+    # one forward per batch, by the first method, for the predicted class, with its logits
+    assert model.calls == _RecordingMethod.forwards == 3
+    assert [(b, t, up, rl) for b, t, up, rl in _RecordingMethod.calls] == [(4, None, False, True),
+                                                                           (4, None, False, True),
+                                                                           (2, None, False, True)]
+    # the second method gets only the correctly classified images and their predicted class as target
+    assert sum(b for b, _, _, _ in _SecondMethod.calls) == labels.count(c)
+    assert all(bool((t == c).all()) and up is False and rl is False for _, t, up, rl in _SecondMethod.calls)
+    # each method's own maps are scored: the blobs differ, so do the scores
+    assert scores["methods"]["stub"]["iou"] != scores["methods"]["second"]["iou"]
     n_multi = sum(ShapesDataset("single", seed=2024, size=10).raw(i)["masks"].shape[0] >= 2
                   for i in range(10) if labels[i] == c)
     assert scores["methods"]["stub"]["n_multi_instance"] == n_multi
@@ -97,10 +147,43 @@ def test_demo_with_no_correct_image_reports_nan(tmp_path):
     assert not (tmp_path / "gallery.png").exists()
 
 
-def test_demo_warns_on_the_training_seed():
-    with pytest.warns(UserWarning, match="training seed"):
-        run_demo(n=2, seed=0, out=None, methods={"stub": _RecordingMethod}, progress=False,
+@pytest.mark.parametrize("seed", sorted(training_seeds()))
+def test_demo_refuses_a_training_seed(seed):
+    with pytest.raises(ValueError, match=rf"seed {seed} is one of the shipped model's training seeds.*--seed"):
+        run_demo(n=2, seed=seed, out=None, methods={"stub": _RecordingMethod}, progress=False,
                  model=_ConstantClassifier(0), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=0), r"n=0 must be at least 1.*--n"),
+    (dict(n=-3), r"n=-3 must be at least 1.*--n"),
+    (dict(threshold=1.5), r"threshold 1.5 is outside \[0, 1\].*--threshold"),
+    (dict(threshold=-0.1), r"threshold -0.1 is outside \[0, 1\].*--threshold"),
+    (dict(batch_size=0), r"batch size 0 must be at least 1.*--batch-size"),
+])
+def test_demo_rejects_bad_options(kwargs, match):
+    _reset()
+    with pytest.raises(ValueError, match=match):
+        run_demo(**dict(dict(n=2, seed=2024, out=None, progress=False), **kwargs),
+                 methods={"stub": _RecordingMethod}, model=_ConstantClassifier(0), stream=io.StringIO())
+    assert _RecordingMethod.calls == []  # refused before any work
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--n", "0"], "must be at least 1"),
+    (["--n", "-1"], "must be at least 1"),
+    (["--threshold", "2"], r"outside \[0, 1\]"),
+    (["--seed", str(min(training_seeds()))], "training seeds"),
+])
+def test_demo_command_line_errors_exit_2(argv, match, tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert cli_main(["demo", "--out", out, "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("captum-vit demo: error:") and re.search(match, err)
+    with pytest.raises(SystemExit) as e:  # python -m captum_vit.demo
+        main(["--out", out, "--no-progress", *argv])
+    assert e.value.code == 2
+    assert not os.path.exists(out)
 
 
 def test_demo_refuses_train_mode():
@@ -110,9 +193,6 @@ def test_demo_refuses_train_mode():
 
 
 def test_resolve_methods_and_arguments():
-    pytest.importorskip("captum_vit.attr.agcam")
-    from captum_vit.attr import AGCAM
-
     assert resolve_methods("agcam") == {"agcam": AGCAM}
     assert "agcam" in resolve_methods(None)
     assert list(resolve_methods(["agcam,agcam"])) == ["agcam"]
@@ -122,7 +202,42 @@ def test_resolve_methods_and_arguments():
         ["--n", "5", "--seed", "7", "--methods", "agcam", "--no-progress", "--out", "x"])
     assert (args.n, args.seed, args.methods, args.no_progress, args.out) == (5, 7, ["agcam"], True, "x")
     assert args.batch_size == 16 and args.threshold == 0.5 and args.gallery_rows == 6
-    assert callable(run_demo_from_args)
+
+
+def test_run_demo_from_args_passes_every_option(tmp_path, monkeypatch):
+    """``run_demo_from_args`` on tiny parsed options: each option reaches ``run_demo`` and its outputs."""
+    import captum_vit.zoo
+
+    _reset()
+    labels = [ShapesDataset("single", seed=7, size=5).raw(i)["label"] for i in range(5)]
+    c = max(set(labels), key=labels.count)
+    monkeypatch.setattr(captum_vit.zoo, "shapes_vit", lambda: (_ConstantClassifier(c), {"mean": (0.5,) * 3,
+                                                                                         "std": (0.5,) * 3}))
+    monkeypatch.setattr("captum_vit.demo._registry", lambda: {"stub": _RecordingMethod})
+    out = tmp_path / "demo"
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(
+        ["--n", "5", "--seed", "7", "--methods", "stub", "--batch-size", "2", "--gallery-rows", "1",
+         "--threshold", "0.3", "--no-progress", "--out", str(out)])
+    scores = run_demo_from_args(args)
+    assert (scores["n_images"], scores["seed"], scores["threshold"]) == (5, 7, 0.3)
+    assert scores["n_correct"] == labels.count(c) and list(scores["methods"]) == ["stub"]
+    assert [b for b, *_ in _RecordingMethod.calls] == [2, 2, 1]
+    assert json.loads((out / "scores.json").read_text())["seed"] == 7
+    assert (out / "gallery.png").exists()
+
+
+def test_demo_with_a_hugging_face_vit(tmp_path):
+    """The demo needs no ``model(x)`` of its own: a model whose forward returns an output object works."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=224, patch_size=32, hidden_size=48, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=96, num_labels=8)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    scores = run_demo(n=4, seed=2024, out=None, methods=["agcam"], batch_size=4, progress=False, model=model,
+                      only_correct=False, stream=io.StringIO())
+    assert scores["n_evaluated"] == 4
+    assert all(0.0 <= scores["methods"]["agcam"][k] <= 1.0 for k in METRIC_NAMES)
 
 
 def test_demo_with_the_shipped_model(tmp_path):

@@ -53,13 +53,14 @@ def test_gallery_writes_png(tmp_path):
           torch.zeros(0, 4, dtype=torch.int64)]
     maps = {"agcam": torch.rand(3, 1, 4, 6), "other": [torch.rand(4, 6) for _ in range(3)]}
     p = gallery(str(tmp_path / "g.png"), images, gt, maps, titles=["a", "b", "c"])
-    im = Image.open(p)
-    assert im.format == "PNG"
-    assert im.size == (3 * 220, 3 * 220 + 30)  # 3 columns x 3 rows of 2.2 in at 100 dpi, + title room
+    with Image.open(p) as im:
+        assert im.format == "PNG"
+        assert im.size == (3 * 220, 3 * 220 + 30)  # 3 columns x 3 rows of 2.2 in at 100 dpi, + title room
     # explicit predicted boxes, a stacked image tensor, a single image row
     p2 = gallery(str(tmp_path / "g2.png"), torch.from_numpy(np.stack(images[:1])), None,
                  {"agcam": maps["agcam"][:1]}, pred_boxes_by_method={"agcam": [torch.tensor([[1, 1, 5, 5]])]})
-    assert Image.open(p2).size[0] > 0
+    with Image.open(p2) as im:
+        assert im.size[0] > 0
     with pytest.raises(ValueError):
         gallery(str(tmp_path / "bad.png"), images, gt, {"agcam": torch.rand(2, 1, 4, 6)})
 

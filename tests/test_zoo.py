@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from captum_vit.data import CLASSES, generate
-from captum_vit.zoo import SHAPES_CLASSES, shapes_vit
+from captum_vit.zoo import SHAPES_CLASSES, shapes_vit, training_seeds
 from captum_vit.zoo.shapes import CONFIG_PATH, WEIGHTS_PATH, load_config
 
-HELDOUT_SEED = 12345  # disjoint from the training seed 0 (see shapes_vit.json)
+HELDOUT_SEED = 12345  # disjoint from the training seeds (training_seeds in shapes_vit.json)
 
 @pytest.fixture(scope="module")
 def loaded():
@@ -23,6 +23,29 @@ def test_shipped_files():
     assert cfg["dataset"]["train"]["seed"] != HELDOUT_SEED == cfg["dataset"]["val"]["seed"]
     with open(WEIGHTS_PATH, "rb") as f:
         assert not f.read(64).startswith(b"version https://git-lfs"), "weights are a Git LFS pointer"
+
+
+def test_package_folder_holds_weights_and_config_only():
+    """setup.cfg ships captum_vit/zoo/*.pth and *.json; training code and logs belong in tools/."""
+    folder = os.path.dirname(WEIGHTS_PATH)
+    files = {f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))}
+    assert {f for f in files if not f.endswith((".py", ".pth", ".json"))} == set()
+    assert {f for f in files if f.endswith(".py")} == {"__init__.py", "shapes.py"}
+
+
+def test_training_seeds_cover_the_last_run():
+    cfg = load_config()
+    seeds = training_seeds()
+    assert seeds == {0, 1}  # the chain trained on seed 0, its last run on seed 1
+    assert cfg["training"]["seed"] in seeds and cfg["dataset"]["train"]["seed"] in seeds
+    assert HELDOUT_SEED not in seeds and 2024 not in seeds  # the tests' and the demo's seeds are held out
+
+
+def test_training_seeds_missing_is_an_error(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text("{}")
+    with pytest.raises(RuntimeError, match="training_seeds"):
+        training_seeds(str(p))
 
 
 def test_model_and_config(loaded):

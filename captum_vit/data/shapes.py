@@ -22,7 +22,7 @@ Image content
   gradient, or a crop of one of scikit-image's bundled photos
   (astronaut/coffee/chelsea/rocket/camera/brick/grass/gravel).
 
-Box convention (SPEC section 3): ``boxes[k] = (xmin, ymin, xmax, ymax)`` are the
+Box convention (the one :mod:`captum_vit.metrics.localization` uses): ``boxes[k] = (xmin, ymin, xmax, ymax)`` are the
 INCLUSIVE tight bounds of ``masks[k]``; the box as a mask is
 ``m[ymin:ymax + 1, xmin:xmax + 1] = True``.
 """

@@ -1,4 +1,4 @@
-"""Weakly-supervised localization metrics (SPEC.md section 3).
+"""Weakly-supervised localization metrics (the AGCAM paper's localization protocol).
 
 Everything here takes tensors (maps, masks, boxes) and knows nothing of
 attribution methods. The protocol, per image, is::
@@ -280,7 +280,7 @@ def evaluate_localization(
     eps: float = 1e-5,
     return_boxes: bool = False,
 ):
-    r"""Per-image localization metrics of the SPEC section 3 protocol.
+    r"""Per-image localization metrics of the protocol in the module docstring.
 
     For each image: upsample the map to ``size`` (bilinear,
     ``align_corners=False``), min-max normalise, binarise with ``> threshold``,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-__all__ = ["shapes_vit", "build_shapes_vit", "load_config", "SHAPES_CLASSES", "DATA_CONFIG",
+__all__ = ["shapes_vit", "build_shapes_vit", "load_config", "training_seeds", "SHAPES_CLASSES", "DATA_CONFIG",
            "CONFIG_PATH", "WEIGHTS_PATH", "sha256_file"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +56,27 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 
 def load_config(path: Optional[str] = None) -> Dict[str, Any]:
-    with open(path or CONFIG_PATH, "r", encoding="utf-8") as f:
+    with open(path or CONFIG_PATH, encoding="utf-8") as f:
         return json.load(f)
+
+
+def training_seeds(path: Optional[str] = None) -> FrozenSet[int]:
+    r"""The :class:`~captum_vit.data.ShapesDataset` seeds the shipped weights were trained on.
+
+    Read from ``training_seeds`` in the model's config (every run of the training chain), so that
+    held-out evaluation can stay off them.
+
+    Args:
+        path (str, optional): a config json; default: the shipped ``shapes_vit.json``.
+
+    Returns:
+        frozenset[int]: the training seeds.
+    """
+    cfg_path = path or CONFIG_PATH
+    seeds = load_config(cfg_path).get("training_seeds")
+    if not seeds:
+        raise RuntimeError(f"{cfg_path} records no training_seeds; re-fetch it with `git checkout -- {cfg_path}`")
+    return frozenset(int(s) for s in seeds)
 
 
 def _conv_stem_embed():
@@ -118,7 +137,8 @@ def shapes_vit(checkpoint: Optional[str] = None, device="cpu") -> Tuple[torch.nn
     if not os.path.exists(cfg_path):
         cfg_path = CONFIG_PATH
     fix = ("re-fetch it with `git checkout -- captum_vit/zoo/shapes_vit.pth` (if it is a Git LFS pointer: "
-           "`git lfs pull`) or retrain with `python -m captum_vit.zoo.train_shapes --out captum_vit/zoo`")
+           "`git lfs pull`) or retrain it from a clone of the repository with "
+           "`python -m tools.train_shapes --out captum_vit/zoo` (see docs/shapes_vit_training.md)")
     if not os.path.isfile(path):
         raise RuntimeError(f"shapes_vit weights not found: {path}; {fix}")
     try:

@@ -1,9 +1,12 @@
 """Train the small shapes ViT shipped as ``captum_vit/zoo/shapes_vit.pth``.
 
-    python -m captum_vit.zoo.train_shapes --out captum_vit/zoo
+    python -m tools.train_shapes --out captum_vit/zoo      # from the repository root
 
 The shipped weights come from a chain of runs, each started with ``--init`` from the one before;
-``shapes_vit.json`` ("lineage") and ``train_log.txt`` record every run's arguments.
+``shapes_vit.json`` ("lineage") and ``tools/logs/shapes_vit_train_log.txt`` record every run's
+arguments, and ``training_seeds`` in the json lists the dataset seeds of the whole chain (a run
+started with ``--init`` inherits the seeds of the weights it starts from), so that evaluation can
+stay off them (``captum_vit.zoo.training_seeds()``). See ``docs/shapes_vit_training.md``.
 
 CPU only. Steps:
 1. pre-generate a uint8 cache of training images in RAM (``ShapesDataset`` split "single" with
@@ -62,6 +65,18 @@ def _gen(args):
     lab = s["label"]
     return (s["image_uint8"], (lab, lab) if split == "single" else tuple(lab),
             patch_labels(s["masks"], s["instance_labels"]))
+
+
+def _parent_training_seeds(init):
+    """Training seeds recorded next to the ``--init`` weights (``<stem>.json``); none without a json."""
+    if not init:
+        return []
+    path = os.path.splitext(init)[0] + ".json"
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    return [int(s) for s in cfg.get("training_seeds", [cfg.get("dataset", {}).get("train", {}).get("seed", 0)])]
 
 
 def build_cache(n_single, n_pairs, seed, workers=2, log=print, n_easy_single=0, n_easy_pairs=0):
@@ -239,7 +254,12 @@ def main(argv=None):
                         "and save a snapshot <name>_step<N>.pth (0: off)")
     p.add_argument("--stem", default="conv", choices=["conv", "patch"],
                    help="patch embedding: convolutional stem (default) or timm's linear 16x16 projection")
-    p.add_argument("--init", default=None, help="start from these weights (a state_dict .pth) instead of random init")
+    p.add_argument("--init", default=None,
+                   help="start from these weights (a state_dict .pth) instead of random init; a json with the same "
+                        "stem next to it contributes its training_seeds")
+    p.add_argument("--log-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "logs"),
+                   help="folder of the training log <name>_train_log.txt (default: tools/logs), kept out of --out "
+                        "so that the package folder holds only weights and config")
     p.add_argument("--loss", default="softmax", choices=["softmax", "bce"],
                    help="softmax cross entropy (pairs: 0.5/0.5 soft target) or multi-label sigmoid BCE")
     p.add_argument("--aux-weight", type=float, default=0.5,
@@ -256,7 +276,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
-    log_path = os.path.join(a.out, "train_log.txt" if a.name == "shapes_vit" else a.name + "_log.txt")
+    os.makedirs(a.log_dir, exist_ok=True)
+    log_path = os.path.join(a.log_dir, a.name + "_train_log.txt")
     logf = open(log_path, "w", encoding="utf-8")
 
     def log(msg):
@@ -287,6 +308,7 @@ def main(argv=None):
     if a.init:
         model.load_state_dict({k: v.float() for k, v in torch.load(a.init, weights_only=True).items()})
         log(f"initialised from {a.init}")
+    training_seeds = sorted({a.train_seed} | set(_parent_training_seeds(a.init)))
     aux_head = torch.nn.Linear(a.embed_dim, len(CLASSES) + 1)
     deep_idx = list(range(len(model.blocks) - a.aux_blocks, len(model.blocks) - 1)) if a.aux_blocks > 1 else []
     deep_heads = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(a.embed_dim),
@@ -296,8 +318,11 @@ def main(argv=None):
     for k in deep_idx:
         model.blocks[k].register_forward_hook(lambda m, i, o, k=k: deep_out.__setitem__(k, o))
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
-    decay = [p_ for n_, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_]
-    no_decay = [p_ for n_, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n_ and "token" not in n_)]
+    def decays(name, param):  # no weight decay on biases, norms, position embeddings and tokens
+        return param.ndim > 1 and "pos_embed" not in name and "token" not in name
+
+    decay = [p_ for n_, p_ in model.named_parameters() if decays(n_, p_)]
+    no_decay = [p_ for n_, p_ in model.named_parameters() if not decays(n_, p_)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay + list(aux_head.parameters()) + list(deep_heads.parameters()),
                               "weight_decay": 0.0}],
@@ -413,6 +438,7 @@ def main(argv=None):
                               "easy_single": n_easy - n_easy_pairs, "easy_pairs": n_easy_pairs,
                               "note": "items 0..N-1 of each split; easy = generate(..., easy=True)"},
                     "val": {"seed": a.val_seed, "split": "single", "size": a.val_size}},
+        "training_seeds": training_seeds,
         "training": {"steps": step, "images_seen": seen, "batch_size": a.batch_size, "lr": a.lr,
                      "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
                      "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,

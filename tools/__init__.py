@@ -1,0 +1,1 @@
+"""Training recipes and their logs; not part of the installed package."""
