@@ -80,7 +80,8 @@ def table(rows, header):
     for r in rows:
         f = r["forward"]
         lines.append(f"| {r['model']} | {r['batch']} | +{f:.0f} MB | +{r['agcam_one_token']:.0f} MB "
-                     f"({r['agcam_one_token'] / f:.2f}x) | +{r['agcam_generic']:.0f} MB ({r['agcam_generic'] / f:.2f}x) |")
+                     f"({r['agcam_one_token'] / f:.2f}x) | +{r['agcam_generic']:.0f} MB "
+                     f"({r['agcam_generic'] / f:.2f}x) |")
     return "\n".join(lines)
 
 
@@ -95,7 +96,8 @@ def main():
     a = ap.parse_args()
     import torch
 
-    header = (f"Peak resident-memory growth during one call (CPU, fp32, {platform.machine()}, torch {torch.__version__}); "
+    header = (f"Peak resident-memory growth during one call (CPU, fp32, {platform.machine()}, "
+              f"torch {torch.__version__}); "
               "each call in a fresh process; random-init weights.")
     print(header, flush=True)
     md = table(run(a.models, a.batch), header)

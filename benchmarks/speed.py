@@ -65,6 +65,30 @@ def timeit(fn, device, repeats, warmup=1):
     return statistics.median(ts) * 1000
 
 
+def measure(model, grad_model, one, gen, x, t, device, repeats):
+    """Median milliseconds of each timed call on one batch."""
+
+    def plain():
+        with torch.no_grad():
+            model(x)
+
+    res = {
+        "forward": timeit(plain, device, repeats),
+        "agcam_one_token": timeit(lambda: one.attribute(x, target=t), device, repeats),
+        "agcam_generic": timeit(lambda: gen.attribute(x, target=t), device, repeats),
+        "official_loop": timeit(lambda: official_way(grad_model, x, t), device, max(1, repeats // 2)),
+    }
+    # A plain forward after 4 threads x 8 concurrent AGCAM calls costs what it cost before:
+    # no call leaves anything on the model.
+    threads = [threading.Thread(target=lambda: [one.attribute(x, target=t) for _ in range(8)]) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    res["forward_after_threads"] = timeit(plain, device, repeats)
+    return res
+
+
 def run(models, batches, device, dtype, repeats):
     import timm
 
@@ -82,26 +106,7 @@ def run(models, batches, device, dtype, repeats):
         for b in batches:
             x = torch.randn(b, 3, 224, 224, device=device, dtype=dtype)
             t = torch.arange(b, device=device) % model.num_classes
-
-            def plain():
-                with torch.no_grad():
-                    model(x)
-
-            res = {
-                "forward": timeit(plain, device, repeats),
-                "agcam_one_token": timeit(lambda: one.attribute(x, target=t), device, repeats),
-                "agcam_generic": timeit(lambda: gen.attribute(x, target=t), device, repeats),
-                "official_loop": timeit(lambda: official_way(grad_model, x, t), device, max(1, repeats // 2)),
-            }
-            # A plain forward after 4 threads x 8 concurrent AGCAM calls costs what it cost before:
-            # no call leaves anything on the model.
-            threads = [threading.Thread(target=lambda: [one.attribute(x, target=t) for _ in range(8)])
-                       for _ in range(4)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            res["forward_after_threads"] = timeit(plain, device, repeats)
+            res = measure(model, grad_model, one, gen, x, t, device, repeats)
             # Sanity: the timed paths compute the same maps.
             a = one.attribute(x, target=t).flatten(1).float()
             o = official_way(grad_model, x, t).float()
@@ -114,8 +119,8 @@ def run(models, batches, device, dtype, repeats):
 
 def table(rows, header):
     lines = [header, "",
-             "| model | batch | forward ms | AGCAM one-token ms (x fwd) | AGCAM generic ms (x fwd) | official loop ms (x fwd) "
-             "| one-token speed-up vs official | forward after threaded calls (x fwd) |",
+             "| model | batch | forward ms | AGCAM one-token ms (x fwd) | AGCAM generic ms (x fwd) "
+             "| official loop ms (x fwd) | one-token speed-up vs official | forward after threaded calls (x fwd) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["forward"]
@@ -138,7 +143,8 @@ def main():
     ap.add_argument("--out", default=None, help="write the table (markdown) and a .json beside it")
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu
     header = (f"AGCAM speed on {dev}, {a.dtype}, torch {torch.__version__}; median of {a.repeats} runs "
               f"({max(1, a.repeats // 2)} for the official loop); random-init weights.")
     print(header, flush=True)

@@ -1,4 +1,4 @@
-"""Independent AGCAM reference written straight from SPEC.md §1.
+"""Independent AGCAM reference written straight from the method's definition.
 
 One image at a time, unfused attention written out by hand, every attention input detached,
 ``torch.autograd.grad`` of the target logit w.r.t. the post-softmax attention. It shares no

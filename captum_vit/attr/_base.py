@@ -67,7 +67,9 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
         t = t.to(device=logits.device, dtype=torch.long)
     elif isinstance(target, list):
         if len(target) != B:
-            raise ValueError(f"target list has {len(target)} entries but the batch has {B} samples; give one per sample")
+            raise ValueError(
+                f"target list has {len(target)} entries but the batch has {B} samples; give one per sample"
+            )
         flat = [_as_index(t_i[0] if isinstance(t_i, tuple) and len(t_i) == 1 else t_i, "each per-sample target")
                 for t_i in target]
         t = torch.tensor(flat, dtype=torch.long, device=logits.device)
@@ -121,7 +123,9 @@ class ViTLayerAttribution(LayerAttribution):
             for i in layers:
                 i = _as_index(i, "layer index")
                 if not -n <= i < n:
-                    raise ValueError(f"layer index {i} is out of range for a model with {n} blocks (valid: {-n}..{n - 1})")
+                    raise ValueError(
+                        f"layer index {i} is out of range for a model with {n} blocks (valid: {-n}..{n - 1})"
+                    )
                 idx.append(i % n)
             if not idx:
                 raise ValueError("layers is empty; give at least one block index or None for all")

@@ -134,7 +134,7 @@ def _scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
     return x if gamma is None else x * gamma
 
 
-def _pure_block(b: BlockParts, tokens: Tensor, rec: "Record", req: "Request") -> Tensor:
+def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request) -> Tensor:
     # A function of its own, so that the block's temporaries (qkv, attention output, u) are
     # freed when it returns, as in the model's own block forward, instead of living on
     # through the next block and raising the peak memory.
@@ -234,7 +234,7 @@ def attention_core(
 
 
 # --------------------------------------------------------------------------- the adapter
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -469,7 +469,8 @@ class ViTAdapter:
 
     def _patched_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
         if req.cls_tokens:
-            raise ValueError(f"the one-token backward does not apply here: {self.one_token_support()[1] or 'training mode'}")
+            why = self.one_token_support()[1] or "the model is in training mode"
+            raise ValueError(f"the one-token backward does not apply here: {why}")
         with self._patched(rec, req):
             return self._model_logits(images)
 
