@@ -8,6 +8,12 @@ __version__ = "0.1.0"
 # (dataloader workers import it) and sub-packages do not depend on each other at import time.
 _LAZY = {
     "AGCAM": "captum_vit.attr.agcam",
+    "AttentionRollout": "captum_vit.attr.rollout",
+    "CDAM": "captum_vit.attr.cdam",
+    "GradientAttentionRollout": "captum_vit.attr.chefer",
+    "RawAttention": "captum_vit.attr.raw",
+    "TransformerAttribution": "captum_vit.attr.chefer",
+    "METHODS": "captum_vit.attr",
     "ViTAdapter": "captum_vit.vit",
     "adapt": "captum_vit.vit",
 }

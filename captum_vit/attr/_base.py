@@ -18,7 +18,7 @@ __all__ = ["ViTLayerAttribution", "TargetType", "resolve_targets", "fuse"]
 
 TargetType = Union[None, int, Tuple[int, ...], Tensor, List, np.ndarray, np.integer]
 
-_FUSIONS = ("sum", "mean", "max")
+_FUSIONS = ("sum", "mean", "max", "min")
 
 
 def _as_index(value: object, what: str) -> int:
@@ -82,20 +82,27 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
 
 
 def fuse(x: Tensor, how: str, dim: int) -> Tensor:
-    """Reduce ``dim`` of ``x`` by ``how`` in ``{'sum', 'mean', 'max'}``."""
+    """Reduce ``dim`` of ``x`` by ``how`` in ``{'sum', 'mean', 'max', 'min'}``."""
     if how == "sum":
         return x.sum(dim)
     if how == "mean":
         return x.mean(dim)
     if how == "max":
         return x.amax(dim)
+    if how == "min":
+        return x.amin(dim)
     raise ValueError(f"fusion must be one of {_FUSIONS}, got {how!r}")
 
 
-def check_fusion(name: str, value: str) -> str:
-    if value not in _FUSIONS:
-        raise ValueError(f"{name} must be one of {_FUSIONS}, got {value!r}")
+def check_fusion(name: str, value: str, allowed: Sequence[str] = _FUSIONS) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
+
+
+def identity_like(a: Tensor) -> Tensor:
+    """``I`` of ``a``'s trailing ``N x N`` shape, broadcastable over its batch."""
+    return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
 
 
 class ViTLayerAttribution(LayerAttribution):
@@ -137,7 +144,7 @@ class ViTLayerAttribution(LayerAttribution):
         """What the method needs recorded during the forward pass."""
         raise NotImplementedError
 
-    def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+    def _maps(self, record: Record, logits: Tensor, targets: Tensor, **method_args) -> Tensor:
         """``[B, gh*gw]`` patch-token maps from one forward's record."""
         raise NotImplementedError
 
@@ -166,20 +173,24 @@ class ViTLayerAttribution(LayerAttribution):
             or a 1-tuple of it for tuple inputs; with ``return_logits`` a pair
             ``(attributions, logits)``.
         """
+        return self._attribute(inputs, target, upsample_to_input, return_logits)
+
+    def _attribute(self, inputs, target, upsample_to_input: bool, return_logits: bool, **method_args):
+        """The template; ``method_args`` are passed on to :meth:`_maps` (e.g. CDAM's concept)."""
         inputs, is_tuple = _format_inputs(inputs)
         self.adapter.check_input(inputs)
         if self.adapter.is_training:
             warnings.warn(
                 f"{type(self.model).__name__} is in training mode: dropout and drop-path make the explanation random. "
                 "captum-vit does not switch modes for you; call model.eval() first.",
-                stacklevel=3,
+                stacklevel=4,
             )
         request = self._request()
         record = self._forward(inputs, request)
         logits = record.logits
         targets = resolve_targets(target, logits)
         with torch.enable_grad() if request.needs_autograd else torch.no_grad():
-            maps = self._maps(record, logits, targets)
+            maps = self._maps(record, logits, targets, **method_args)
         gh, gw = record.grid
         cam = maps.detach().reshape(maps.shape[0], 1, gh, gw).to(inputs.device)
         if upsample_to_input:
@@ -187,16 +198,19 @@ class ViTLayerAttribution(LayerAttribution):
         out = (cam,) if is_tuple else cam  # Captum convention: a tuple of inputs gets a tuple back
         return (out, logits.detach()) if return_logits else out
 
-    def _forward(self, inputs: Tensor, request: Request) -> Record:
-        if not request.needs_autograd:
-            with torch.no_grad():
-                return self.adapter.forward(inputs, request)
+    def _require_autograd(self) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{self.get_name()} needs autograd here, which torch.inference_mode() switches off; call it under "
                 "torch.no_grad() instead (it enables gradients only inside)"
                 + (", or use engine='one_token'" if hasattr(self, "engine") else "")
             )
+
+    def _forward(self, inputs: Tensor, request: Request) -> Record:
+        if not request.needs_autograd:
+            with torch.no_grad():
+                return self.adapter.forward(inputs, request)
+        self._require_autograd()
         if inputs.is_inference():  # made under inference_mode: autograd cannot save it
             inputs = inputs.clone()
         with torch.enable_grad():

@@ -74,8 +74,8 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
     ) -> None:
         super().__init__(model, layers)
         GradientAttribution.__init__(self, self.model)
-        self.head_fusion = check_fusion("head_fusion", head_fusion)
-        self.layer_fusion = check_fusion("layer_fusion", layer_fusion)
+        self.head_fusion = check_fusion("head_fusion", head_fusion, ("sum", "mean", "max"))
+        self.layer_fusion = check_fusion("layer_fusion", layer_fusion, ("sum", "mean", "max"))
         if engine not in _ENGINES:
             raise ValueError(f"engine must be one of {_ENGINES}, got {engine!r}")
         ok, why = self.adapter.class_row_support()

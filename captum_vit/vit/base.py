@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,16 +117,25 @@ class HeadParts:
     fc_norm: Optional[nn.Module] = None
     pooled: Optional[Callable[[Tensor], Tensor]] = None
 
-    def __call__(self, tokens: Tensor) -> Tensor:
-        x = self.norm(tokens)
+    def __call__(self, tokens: Tensor, rec: Optional[Record] = None, req: Optional[Request] = None) -> Tensor:
+        eps = req.final_norm_eps if req is not None else None
+        if eps is None:
+            x = self.norm(tokens)
+        else:
+            x = F.layer_norm(tokens, self.norm.normalized_shape, self.norm.weight, self.norm.bias, eps)
+        if req is not None and req.activations:
+            rec.head_activations = {"tokens": tokens, "normed": x}
         if not self.tokens:
             return self.pooled(x)
-        outs = []
+        outs, features = [], []
         for index, linear in self.tokens:
             t = x[:, index]
             if self.fc_norm is not None:
                 t = self.fc_norm(t)
+            features.append(t)
             outs.append(linear(t))
+        if req is not None and req.features:
+            rec.features = features[0] if len(features) == 1 else sum(features) / len(features)
         return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
 
 
@@ -134,23 +143,48 @@ def _scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
     return x if gamma is None else x * gamma
 
 
-def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request) -> Tensor:
+def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index: int) -> Tensor:
     # A function of its own, so that the block's temporaries (qkv, attention output, u) are
     # freed when it returns, as in the model's own block forward, instead of living on
     # through the next block and raising the peak memory.
-    if req.block_inputs:
+    if req.block_inputs is True or (req.block_inputs and index in req.block_inputs):
         rec.block_inputs.append(tokens)
+    elif req.block_inputs:
+        rec.block_inputs.append(None)  # keep block indices aligned
     a_in = b.norm1(tokens)
     if req.detach:
         a_in = a_in.detach()
+    if index in req.grad_attention_inputs:
+        # A leaf: the attention input feeds only the attention, so its gradient is exact.
+        a_in = a_in.detach().requires_grad_(True)
+        rec.attention_inputs.append(a_in)
     q, k, v = b.attn.project(a_in)
-    o = attention_core(q, k, v, b.attn.scale, rec, req)
-    del q, k, v, a_in
-    u = tokens + _scale(b.ls1, b.attn.output(o.transpose(1, 2).flatten(2)))
-    del o
+    if req.attention_layers is None or index in req.attention_layers:
+        o = attention_core(q, k, v, b.attn.scale, rec, req)
+    else:  # keep block indices aligned in the records
+        o = attention_core(q, k, v, b.attn.scale, rec, replace(req, attention="none", scores_cls=False))
+        if req.attention != "none":
+            rec.attention.append(None)
+        if req.scores_cls:
+            rec.scores_cls.append(None)
+    heads_out = o.transpose(1, 2).flatten(2)
+    attn_out = b.attn.output(heads_out)
+    u = tokens + _scale(b.ls1, attn_out)
     if req.cls_tokens:
         rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
-    return u + b.mlp_branch(u)
+    if not req.activations:
+        del q, k, v, a_in, o, heads_out, attn_out
+        return u + b.mlp_branch(u)
+    n2 = b.norm2(u)
+    h = b.fc1(n2)
+    a = b.act(h)
+    m = b.fc2(b.mlp_norm(a) if b.mlp_norm is not None else a)
+    out = u + _scale(b.ls2, m)
+    rec.activations.append(
+        {"x": tokens, "n1": a_in, "q": q, "k": k, "v": v, "o": heads_out, "attn_out": attn_out,
+         "u": u, "n2": n2, "h": h, "act": a, "mlp_out": m}
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- records
@@ -166,21 +200,36 @@ class Request:
             when ``detach``).
         values: record the attention values ``[B, H, N, d]`` (contiguous copies).
         scores_cls: record the scaled pre-softmax [class]-query row ``[B, H, N]``.
-        block_inputs: record each block's input ``[B, N, D]``.
+        block_inputs: record each block's input ``[B, N, D]`` (``True``), or only those of the
+            given block indices (a tuple; the others are recorded as ``None``).
         cls_tokens: record the [class] token of each block's mid-residual ``u`` and of the
             last block's output (the one-token backward's linearisation points).
+        attention_layers: record attention (and scores) only for these block indices;
+            ``None``: every block.
+        activations: record every block's intermediate tensors by name (``x, n1, q, k, v,
+            o, attn_out, u, n2, h, act, mlp_out``) and the head's input, for rules per
+            operation (LRP).
+        features: record the pre-logits [class] embedding (the classifier's input).
+        grad_attention_inputs: block indices whose attention input (norm1 output) becomes a
+            gradient leaf, recorded in ``attention_inputs`` (pure forward only).
+        final_norm_eps: run the final LayerNorm with this epsilon instead of the model's.
     """
 
     detach: bool = True
     attention: str = "none"
     values: bool = False
     scores_cls: bool = False
-    block_inputs: bool = False
+    block_inputs: Union[bool, Tuple[int, ...]] = False
     cls_tokens: bool = False
+    attention_layers: Optional[Tuple[int, ...]] = None
+    activations: bool = False
+    features: bool = False
+    grad_attention_inputs: Tuple[int, ...] = ()
+    final_norm_eps: Optional[float] = None
 
     @property
     def needs_autograd(self) -> bool:
-        return self.attention == "grad"
+        return self.attention == "grad" or bool(self.grad_attention_inputs) or not self.detach
 
 
 @dataclass
@@ -195,6 +244,10 @@ class Record:
     block_inputs: List[Tensor] = field(default_factory=list)
     mid_cls: List[Tensor] = field(default_factory=list)
     final_cls: Optional[Tensor] = None
+    attention_inputs: List[Tensor] = field(default_factory=list)
+    activations: List[Dict[str, Tensor]] = field(default_factory=list)
+    head_activations: Dict[str, Tensor] = field(default_factory=dict)
+    features: Optional[Tensor] = None
 
 
 def attention_core(
@@ -437,12 +490,30 @@ class ViTAdapter:
         return self.forward(inputs).logits
 
     def _pure_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
-        tokens = self.embed(images)
-        for b in self.parts:
-            tokens = _pure_block(b, tokens, rec, req)
+        return self._run_blocks(self.embed(images), 0, rec, req)
+
+    def _run_blocks(self, tokens: Tensor, start: int, rec: Record, req: Request) -> Tensor:
+        for index in range(start, self.num_layers):
+            tokens = _pure_block(self.parts[index], tokens, rec, req, index)
         if req.cls_tokens:
             rec.final_cls = tokens[:, 0].clone()
-        return self.head(tokens)
+        return self.head(tokens, rec, req)
+
+    def forward_tail(self, tokens: Tensor, start: int, request: Request = Request()) -> Record:
+        """Run blocks ``start, start+1, ...`` and the head on ``tokens`` (the input of block ``start``).
+
+        For methods that perturb the residual stream late in the network (Smooth and
+        Integrated CDAM). Records are indexed from ``start``. Needs the pure forward
+        (architectures the parts cover); the wrapper's output transforms are applied.
+        """
+        if self.parts is None:
+            raise ValueError(f"re-running part of the network needs a model the description covers: {self.parts_missing}")
+        rec = Record()
+        logits = self._run_blocks(tokens, start, rec, request)
+        for m in self.post:
+            logits = m(logits)
+        rec.logits = logits
+        return rec
 
     @contextlib.contextmanager
     def _patched(self, rec: Record, req: Request) -> Iterator[None]:
