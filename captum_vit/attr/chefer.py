@@ -160,7 +160,9 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         return "Transformer Attribution"
 
     def _request(self) -> Request:
-        return Request(detach=False, attention="grad", activations=True, features=True, final_norm_eps=self.final_norm_eps)
+        return Request(
+            detach=False, attention="grad", activations=True, features=True, final_norm_eps=self.final_norm_eps
+        )
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         layers = list(range(self.start_layer, self.adapter.num_layers))

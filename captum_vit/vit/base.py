@@ -507,7 +507,9 @@ class ViTAdapter:
         (architectures the parts cover); the wrapper's output transforms are applied.
         """
         if self.parts is None:
-            raise ValueError(f"re-running part of the network needs a model the description covers: {self.parts_missing}")
+            raise ValueError(
+                f"re-running part of the network needs a model the description covers: {self.parts_missing}"
+            )
         rec = Record()
         logits = self._run_blocks(tokens, start, rec, request)
         for m in self.post:
