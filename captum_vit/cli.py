@@ -59,13 +59,16 @@ def explain(
     out: str = "captum_vit_out",
     device: str = "cpu",
     batch_size: int = 16,
+    method: str = "agcam",
 ) -> List[dict]:
-    """Explain image files with AGCAM; write one overlay PNG per image. Returns one record per image.
+    """Explain image files with one method; write one overlay PNG per image. Returns one record per image.
 
-    Overlays are named ``<stem>_agcam_class<c>.png`` after the image file; images whose stems
+    Overlays are named ``<stem>_<method>_class<c>.png`` after the image file; images whose stems
     coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`overlay_stems`).
+    ``method`` is a short name of :data:`captum_vit.attr.METHODS` (``agcam``, ``rollout``,
+    ``lrp``, ``gae``, ``cdam``, ``raw``).
     """
-    from captum_vit import AGCAM
+    from captum_vit.attr import METHODS
     from captum_vit.models import load_model, preprocess_images
     from captum_vit.viz import save_overlay
 
@@ -73,7 +76,9 @@ def explain(
         raise ValueError(f"--out {out!r} is an existing file, not a folder; give a folder path (created if missing)")
     net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                  device=device)
-    agcam = AGCAM(net)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    explainer = METHODS[method](net)
     os.makedirs(out, exist_ok=True)
     stems = overlay_stems(images)
     records = []
@@ -82,12 +87,12 @@ def explain(
         x, _ = preprocess_images(paths, cfg)
         x = x.to(device)
         # one forward per batch: the method returns the logits of the forward it explains
-        cams, logits = agcam.attribute(x, target=target, return_logits=True)
+        cams, logits = explainer.attribute(x, target=target, return_logits=True)
         probs = logits.detach().float().softmax(-1)
         pred = probs.argmax(-1)
         for i, path in enumerate(paths):
             c = int(pred[i]) if target is None else int(target)
-            png = os.path.join(out, f"{stems[start + i]}_agcam_class{c}.png")
+            png = os.path.join(out, f"{stems[start + i]}_{method}_class{c}.png")
             save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].detach().cpu())
             p = int(pred[i])
             rec = {
@@ -105,7 +110,8 @@ def explain(
 
 
 def _cmd_explain(a: argparse.Namespace) -> None:
-    explain(a.images, a.model, a.checkpoint, a.pretrained, a.num_classes, a.target, a.out, a.device)
+    explain(a.images, a.model, a.checkpoint, a.pretrained, a.num_classes, a.target, a.out, a.device,
+            method=a.method)
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -123,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("explain", help="explain image files with AGCAM and write overlay PNGs")
+    p = sub.add_parser("explain", help="explain image files (AGCAM or another method) and write overlay PNGs")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     _add_model_args(p)
+    p.add_argument("--method", default="agcam", choices=["agcam", "rollout", "lrp", "gae", "cdam", "raw"],
+                   help="explanation method (default: agcam)")
     p.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
                    help="output folder, created if missing (default: captum_vit_out)")

@@ -113,9 +113,9 @@ class _StubAGCAM:
 
 @pytest.fixture()
 def stub_agcam(monkeypatch):
-    import captum_vit
+    from captum_vit.attr import METHODS
 
-    monkeypatch.setattr(captum_vit, "AGCAM", _StubAGCAM)
+    monkeypatch.setitem(METHODS, "agcam", _StubAGCAM)
     return _StubAGCAM
 
 
@@ -194,3 +194,20 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"captum-vit {__version__}"
+
+
+@pytest.mark.parametrize("method", ["rollout", "lrp", "gae", "cdam", "raw"])
+def test_explain_with_every_method(images, checkpoint, tmp_path, capsys, method):
+    path, _ = checkpoint
+    out = tmp_path / "out"
+    assert main(["explain", *images, "--model", MODEL, "--checkpoint", path, "--out", str(out), "--method", method,
+                 "--target", "3"]) == 0
+    names = sorted(os.listdir(out))
+    assert names == [f"img0_{method}_class3.png", f"img1_{method}_class3.png"]
+    # The overlay shows this method's map: a different method gives a different picture.
+    agcam_out = tmp_path / "agcam"
+    assert main(["explain", images[0], "--model", MODEL, "--checkpoint", path, "--out", str(agcam_out),
+                 "--target", "3"]) == 0
+    a = np.asarray(Image.open(out / names[0]))
+    b = np.asarray(Image.open(agcam_out / "img0_agcam_class3.png"))
+    assert not np.array_equal(a, b)
