@@ -1,10 +1,12 @@
-"""AGCAM cost against a plain forward pass, measured in one run.
+"""Cost of every method against a plain forward pass, measured in one run.
 
-Rows: the model's own default forward (``torch.no_grad``), AGCAM with the one-token engine,
-AGCAM with the generic autograd engine, and the official method's way (a per-image loop of
-forward + ``backward()`` with weights requiring grad, unfused attention with detached
-inputs, attention gradients read from ``.grad``). Random-init weights: timing does not depend
-on them.
+Per model and batch: the model's own default forward (``torch.no_grad``); AGCAM with the
+one-token engine and with the generic autograd engine; the official AGCAM way (a per-image
+loop of forward + ``backward()`` with weights requiring grad, unfused attention with detached
+inputs, attention gradients read from ``.grad``); every other method of
+``captum_vit.attr.METHODS`` with its defaults; and the plain forward again after 4 threads x 8
+concurrent AGCAM calls. A second table gives each method's milliseconds per image at every
+batch size. Random-init weights: timing does not depend on them.
 
     python benchmarks/speed.py                       # CPU, fp32, vit_small + vit_base, batch 1 and 8
     python benchmarks/speed.py --device cuda --dtype bf16 --out benchmarks/results/speed_cuda_bf16.md
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from captum_vit import AGCAM  # noqa: E402
+from captum_vit.attr import METHODS  # noqa: E402
 from captum_vit.vit import Request, adapt  # noqa: E402
 
 
@@ -65,21 +68,26 @@ def timeit(fn, device, repeats, warmup=1):
     return statistics.median(ts) * 1000
 
 
-def measure(model, grad_model, one, gen, x, t, device, repeats):
+#: Timed columns after the forward, in table order: (key, label).
+COLUMNS = [("agcam_one_token", "AGCAM one-token"), ("agcam_generic", "AGCAM generic")] + [
+    (name, name) for name in METHODS if name != "agcam"
+] + [("official_loop", "official AGCAM loop")]
+
+
+def measure(model, grad_model, methods, x, t, device, repeats):
     """Median milliseconds of each timed call on one batch."""
 
     def plain():
         with torch.no_grad():
             model(x)
 
-    res = {
-        "forward": timeit(plain, device, repeats),
-        "agcam_one_token": timeit(lambda: one.attribute(x, target=t), device, repeats),
-        "agcam_generic": timeit(lambda: gen.attribute(x, target=t), device, repeats),
-        "official_loop": timeit(lambda: official_way(grad_model, x, t), device, max(1, repeats // 2)),
-    }
+    res = {"forward": timeit(plain, device, repeats)}
+    for key, method in methods.items():
+        res[key] = timeit(lambda m=method: m.attribute(x, target=t), device, repeats)
+    res["official_loop"] = timeit(lambda: official_way(grad_model, x, t), device, max(1, repeats // 2))
     # A plain forward after 4 threads x 8 concurrent AGCAM calls costs what it cost before:
     # no call leaves anything on the model.
+    one = methods["agcam_one_token"]
     threads = [threading.Thread(target=lambda: [one.attribute(x, target=t) for _ in range(8)]) for _ in range(4)]
     for th in threads:
         th.start()
@@ -101,14 +109,14 @@ def run(models, batches, device, dtype, repeats):
         grad_model = copy.deepcopy(model)
         for p in grad_model.parameters():
             p.requires_grad_(True)
-        one = AGCAM(model, engine="one_token")
-        gen = AGCAM(model, engine="generic")
+        methods = {"agcam_one_token": AGCAM(model, engine="one_token"), "agcam_generic": AGCAM(model, engine="generic")}
+        methods.update({key: METHODS[key](model) for key, _ in COLUMNS if key in METHODS})
         for b in batches:
             x = torch.randn(b, 3, 224, 224, device=device, dtype=dtype)
             t = torch.arange(b, device=device) % model.num_classes
-            res = measure(model, grad_model, one, gen, x, t, device, repeats)
+            res = measure(model, grad_model, methods, x, t, device, repeats)
             # Sanity: the timed paths compute the same maps.
-            a = one.attribute(x, target=t).flatten(1).float()
+            a = methods["agcam_one_token"].attribute(x, target=t).flatten(1).float()
             o = official_way(grad_model, x, t).float()
             err = ((a - o).abs().max() / o.abs().max()).item()
             rows.append({"model": name, "batch": b, **res, "max_rel_diff_vs_official": err})
@@ -118,18 +126,24 @@ def run(models, batches, device, dtype, repeats):
 
 
 def table(rows, header):
-    lines = [header, "",
-             "| model | batch | forward ms | AGCAM one-token ms (x fwd) | AGCAM generic ms (x fwd) "
-             "| official loop ms (x fwd) | one-token speed-up vs official | forward after threaded calls (x fwd) |",
-             "|---|---|---|---|---|---|---|---|"]
+    cols = COLUMNS + [("forward_after_threads", "forward after threaded calls")]
+    lines = [header, "", "Milliseconds per call (x the plain forward):", "",
+             "| model | batch | forward | " + " | ".join(label for _, label in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         f = r["forward"]
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {f:.1f} | {r['agcam_one_token']:.1f} ({r['agcam_one_token'] / f:.2f}x) "
-            f"| {r['agcam_generic']:.1f} ({r['agcam_generic'] / f:.2f}x) | {r['official_loop']:.1f} "
-            f"({r['official_loop'] / f:.2f}x) | {r['official_loop'] / r['agcam_one_token']:.2f}x "
-            f"| {r['forward_after_threads']:.1f} ({r['forward_after_threads'] / f:.2f}x) |"
-        )
+        cells = [f"{r[k]:.1f} ({r[k] / f:.2f}x)" for k, _ in cols]
+        lines.append(f"| {r['model']} | {r['batch']} | {f:.1f} | " + " | ".join(cells) + " |")
+    batches = sorted({r["batch"] for r in rows})
+    lines += ["", "Milliseconds per image (batch 1 / largest batch = speed-up from batching):", "",
+              "| model | method | " + " | ".join(f"batch {b}" for b in batches) + " | speed-up |",
+              "|---|---|" + "---|" * (len(batches) + 1)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = sorted((r for r in rows if r["model"] == model), key=lambda r: r["batch"])
+        for key, label in [("forward", "forward")] + COLUMNS:
+            per_image = [r[key] / r["batch"] for r in mrows]
+            lines.append(f"| {model} | {label} | " + " | ".join(f"{v:.1f}" for v in per_image)
+                         + f" | {per_image[0] / per_image[-1]:.2f}x |")
     return "\n".join(lines)
 
 
@@ -145,7 +159,7 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     cpu = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu
-    header = (f"AGCAM speed on {dev}, {a.dtype}, torch {torch.__version__}; median of {a.repeats} runs "
+    header = (f"Speed on {dev}, {a.dtype}, torch {torch.__version__}; median of {a.repeats} runs "
               f"({max(1, a.repeats // 2)} for the official loop); random-init weights.")
     print(header, flush=True)
     rows = run(a.models, a.batches, a.device, dtype, a.repeats)

@@ -41,7 +41,10 @@ class TimmViTAdapter(ViTAdapter):
     library = "timm"
 
     def __init__(self, model: nn.Module):
-        from timm.layers import Attention
+        try:
+            from timm.layers import Attention
+        except ImportError:  # timm < 1.0.20 defines it beside VisionTransformer
+            from timm.models.vision_transformer import Attention
         from timm.models.deit import VisionTransformerDistilled
 
         if not is_timm_vit(model):
