@@ -65,10 +65,15 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
 
 # --------------------------------------------------------------------------- LRP rules
 def safe_divide(a: Tensor, b: Tensor) -> Tensor:
-    """``a / b`` with the reference implementation's stabiliser: ``b + 1e-9``, and 0 where ``b == 0``."""
-    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
-    den = den + den.eq(0).to(den.dtype) * 1e-9
-    return a / den * b.ne(0).to(b.dtype)
+    """``a / b`` with the reference implementation's stabiliser: ``b + 1e-9``, and 0 where ``b == 0``.
+
+    The reference writes the denominator as ``clamp(b, min=1e-9) + clamp(b, max=1e-9)``, which is
+    ``b + 1e-9`` exactly for every ``b``, then replaces an exact 0 by ``1e-9``; this is that, in
+    fewer passes over the (large) relevance tensors.
+    """
+    den = b + 1e-9
+    den = den.masked_fill(den == 0, 1e-9)
+    return (a / den).masked_fill_(b == 0, 0.0)
 
 
 def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
