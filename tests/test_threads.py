@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from captum_vit import AGCAM
+from captum_vit.attr import METHODS
 from conftest import input_for, make
 from test_agcam import _close, _state
 
@@ -22,15 +23,29 @@ def _jobs(arch):
     return jobs
 
 
-@pytest.mark.parametrize("arch", ["plain", "registers", "respost", "hf"])
-@pytest.mark.parametrize("engine", ["auto", "generic"])
-def test_threads_share_one_model(arch, engine):
+def _method(name, model):
+    if name == "agcam_generic":
+        return AGCAM(model, engine="generic")
+    return METHODS[name](model)
+
+
+CASES = [("agcam", arch) for arch in ("plain", "registers", "respost", "hf")] + [
+    (name, arch)
+    for name in ("agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
+    for arch in ("plain", "respost", "hf")
+    # LRP and CDAM need the block parts; the post-norm blocks run the patched fallback instead.
+    if not (arch == "respost" and name in ("lrp", "cdam"))
+]
+
+
+@pytest.mark.parametrize("name,arch", CASES)
+def test_threads_share_one_model(name, arch):
     model = make(arch)
     before = _state(model)
     x_plain = input_for(arch, batch=2, seed=5)
     with torch.no_grad():
         plain_before = (model(x_plain) if arch != "hf" else model(pixel_values=x_plain).logits).clone()
-    method = AGCAM(model, engine=engine)
+    method = _method(name, model)
     jobs = _jobs(arch)
     expected = [method.attribute(x, target=t) for x, t in jobs]
 
