@@ -43,7 +43,6 @@ import copy
 import torch
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------- model anatomy
 
 
@@ -91,7 +90,7 @@ class _Block:
         attn = torch.softmax((q @ k.transpose(-2, -1)) * self.hd ** -0.5, dim=-1)
         ctx = self.attn_norm((attn @ v).transpose(1, 2).reshape(B, N, D))
         out = self.ls1(self.proj(ctx))
-        return out, dict(q=q, k=k, v=v, attn=attn, ctx=ctx)
+        return out, {"q": q, "k": k, "v": v, "attn": attn, "ctx": ctx}
 
     def mlp(self, n2):
         g = self.mlp_norm(self.act(self.fc1(n2)))
@@ -310,10 +309,11 @@ def transformer_attribution(model, x, targets, start_layer=0, final_norm_eps=1e-
     model = _private(model)
     timm, blocks, P = _anatomy(model)
     fn = _final_norm(model)
-    if final_norm_eps is None:
-        final_norm = fn
-    else:
-        final_norm = lambda h: F.layer_norm(h, fn.normalized_shape, fn.weight, fn.bias, final_norm_eps)  # noqa: E731
+    def final_norm(h):  # the model's final-norm weights, Chefer's eps (ViT_LRP: nn.LayerNorm default 1e-5)
+        if final_norm_eps is None:
+            return fn(h)
+        return F.layer_norm(h, fn.normalized_shape, fn.weight, fn.bias, final_norm_eps)
+
     head = model.head if timm else model.classifier
     maps = []
     for i in range(x.shape[0]):
