@@ -10,8 +10,9 @@ import copy
 from functools import cache
 
 import pytest
-import reference_methods as ref
 import torch
+
+import reference_methods as ref
 from conftest import ARCHS, input_for, make
 from test_agcam import _close, _state
 
@@ -235,9 +236,11 @@ def test_smooth_cdam_against_reference(arch):
     _signed(r)
     assert (r - ref.cdam(model, x, TARGETS)).abs().max() > 1e-3 * r.abs().max(), "noise had no effect"
     C = _api("CDAM")
-    _close(_flat(C(model, variant="smooth", n_samples=n, noise_level=0.05).attribute(x, target=TARGETS, noise=noise), arch), r)
+    smooth = C(model, variant="smooth", n_samples=n, noise_level=0.05)
+    _close(_flat(smooth.attribute(x, target=TARGETS, noise=noise), arch), r)
     r2 = ref.smooth_cdam(model, x, TARGETS, noise, noise_level=0.2)
-    _close(_flat(C(model, variant="smooth", n_samples=n, noise_level=0.2).attribute(x, target=TARGETS, noise=noise), arch), r2)
+    smooth = C(model, variant="smooth", n_samples=n, noise_level=0.2)
+    _close(_flat(smooth.attribute(x, target=TARGETS, noise=noise), arch), r2)
 
 
 def test_smooth_cdam_draws_its_own_noise():
