@@ -1,9 +1,11 @@
-"""Peak memory of AGCAM against a plain ``no_grad`` forward pass, each in a fresh process.
+"""Peak memory of every method against a plain ``no_grad`` forward pass, each in a fresh process.
 
 Each measurement runs in its own Python process: build the model and the batch, reset the
 kernel's peak-RSS counter (``/proc/self/clear_refs``), run the call once, and report the
 growth of the peak resident set over the resident set just before the call. A fresh process
-keeps one measurement's freed-but-cached memory from hiding the next one's. Linux only.
+keeps one measurement's freed-but-cached memory from hiding the next one's. The allocator's
+per-thread arenas make one run's figure vary by up to ~40% from process to process, so each
+call runs in several processes and the table gives the median and the range. Linux only.
 
     python benchmarks/memory.py --out benchmarks/results/memory_cpu_fp32.md
 """
@@ -15,11 +17,12 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CALLS = ("forward", "agcam_one_token", "agcam_generic")
+CALLS = ("forward", "agcam_one_token", "agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
 
 
 def _status(field: str) -> int:
@@ -37,16 +40,18 @@ def measure(call: str, model_name: str, batch: int) -> dict:
 
     sys.path.insert(0, os.path.join(HERE, ".."))
     from captum_vit import AGCAM
+    from captum_vit.attr import METHODS
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
     x = torch.randn(batch, 3, 224, 224)
     t = torch.arange(batch) % model.num_classes
-    fn = {
-        "forward": lambda: model(x),
-        "agcam_one_token": lambda: AGCAM(model, engine="one_token").attribute(x, target=t),
-        "agcam_generic": lambda: AGCAM(model, engine="generic").attribute(x, target=t),
-    }[call]
+    if call == "forward":
+        fn = lambda: model(x)  # noqa: E731
+    elif call.startswith("agcam_"):
+        fn = lambda: AGCAM(model, engine=call[len("agcam_"):]).attribute(x, target=t)  # noqa: E731
+    else:
+        fn = lambda: METHODS[call](model).attribute(x, target=t)  # noqa: E731
     gc.collect()
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -58,30 +63,37 @@ def measure(call: str, model_name: str, batch: int) -> dict:
     return {"call": call, "model": model_name, "batch": batch, "peak_growth_bytes": peak - base}
 
 
-def run(models, batch):
+def run(models, batch, runs):
     rows = []
     for name in models:
         row = {"model": name, "batch": batch}
         for call in CALLS:
-            res = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--child", call, name, str(batch)],
-                check=True, capture_output=True, text=True,
-            )
-            row[call] = json.loads(res.stdout.strip().splitlines()[-1])["peak_growth_bytes"] / 2**20
-            print(f"  {name} b={batch} {call}: +{row[call]:.0f} MB", flush=True)
+            growth = []
+            for _ in range(runs):
+                res = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--child", call, name, str(batch)],
+                    check=True, capture_output=True, text=True,
+                )
+                growth.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_growth_bytes"] / 2**20)
+            row[call] = statistics.median(growth)
+            row[call + "_range"] = (min(growth), max(growth))
+            print(f"  {name} b={batch} {call}: +{row[call]:.0f} MB (runs: {', '.join(f'{g:.0f}' for g in growth)})",
+                  flush=True)
         rows.append(row)
     return rows
 
 
 def table(rows, header):
     lines = [header, "",
-             "| model | batch | forward (no_grad) | AGCAM one-token (x fwd) | AGCAM generic (x fwd) |",
-             "|---|---|---|---|---|"]
+             "| model | batch | forward (no_grad) | " + " | ".join(CALLS[1:]) + " |",
+             "|---|---|---|" + "---|" * (len(CALLS) - 1)]
     for r in rows:
         f = r["forward"]
-        lines.append(f"| {r['model']} | {r['batch']} | +{f:.0f} MB | +{r['agcam_one_token']:.0f} MB "
-                     f"({r['agcam_one_token'] / f:.2f}x) | +{r['agcam_generic']:.0f} MB "
-                     f"({r['agcam_generic'] / f:.2f}x) |")
+        cells = [f"+{r[c]:.0f} MB ({r[c] / f:.2f}x; {r[c + '_range'][0]:.0f}-{r[c + '_range'][1]:.0f})"
+                 for c in CALLS[1:]]
+        f_lo, f_hi = r["forward_range"]
+        head = f"| {r['model']} | {r['batch']} | +{f:.0f} MB ({f_lo:.0f}-{f_hi:.0f}) | "
+        lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -92,15 +104,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224"])
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5, help="fresh processes per call; the table gives the median")
     ap.add_argument("--out", default=None, help="write the table (markdown) and a .json beside it")
     a = ap.parse_args()
     import torch
 
     header = (f"Peak resident-memory growth during one call (CPU, fp32, {platform.machine()}, "
-              f"torch {torch.__version__}); "
+              f"torch {torch.__version__}); median (min-max) of {a.runs} runs, "
               "each call in a fresh process; random-init weights.")
     print(header, flush=True)
-    md = table(run(a.models, a.batch), header)
+    md = table(run(a.models, a.batch, a.runs), header)
     print()
     print(md)
     if a.out:

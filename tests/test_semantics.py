@@ -154,3 +154,76 @@ def test_agcam_is_class_specific_on_comparable_areas(specificity, record_propert
         record_property(k, v)
     assert rate_a >= SPECIFICITY_MIN_RATE
     assert rate_b >= SPECIFICITY_MIN_RATE
+
+
+# ------------------------------------------------------------------ CDAM: what its sign and concepts mean
+#: Seed of the example images that define CDAM's concept vectors (16 per class): held out like the others.
+CONCEPT_SEED = 3031
+#: "Near zero" for CDAM on the other class's instances: a mean at most this fraction of the map's max |value|.
+CDAM_NEAR_ZERO = 0.05
+
+
+@pytest.fixture(scope="module")
+def cdam_pairs(trained):
+    """Per two-class image: CDAM for class a, upsampled, averaged over a's and over b's instance pixels."""
+    from captum_vit import CDAM
+
+    model, cfg, _ = trained
+    cdam = CDAM(model)
+    mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
+    examples = ShapesDataset("single", seed=CONCEPT_SEED, size=240, mean=mean, std=std)
+    by_class = {}
+    for i in range(len(examples)):
+        item = examples[i]
+        by_class.setdefault(int(item["label"]), []).append(item["image"])
+    concepts = {c: torch.stack(images[:16]) for c, images in by_class.items()}
+    on_a, on_b, scale, corr = [], [], [], []
+    for batch in _batches("pairs", 150, 50, cfg):
+        a, b = batch["label"][:, 0], batch["label"][:, 1]
+        mask_a = torch.stack([m[il == int(c)].any(0) for m, il, c in zip(batch["masks"], batch["instance_labels"], a)])
+        mask_b = torch.stack([m[il == int(c)].any(0) for m, il, c in zip(batch["masks"], batch["instance_labels"], b)])
+        ok = mask_a.flatten(1).any(1) & mask_b.flatten(1).any(1)
+        x, a, mask_a, mask_b = batch["image"][ok], a[ok], mask_a[ok], mask_b[ok]
+        grid = cdam.attribute(x, target=a)
+        up = torch.nn.functional.interpolate(grid, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        on_a.append((up * mask_a).flatten(1).sum(1) / mask_a.flatten(1).sum(1))
+        on_b.append((up * mask_b).flatten(1).sum(1) / mask_b.flatten(1).sum(1))
+        scale.append(up.flatten(1).abs().amax(1))
+        for c in a.unique().tolist():
+            sel = a == c
+            by_class_map = grid[sel].flatten(1)
+            by_concept = cdam.attribute(x[sel], concept=concepts[c]).flatten(1)
+            corr.append(torch.nn.functional.cosine_similarity(
+                by_class_map - by_class_map.mean(1, keepdim=True), by_concept - by_concept.mean(1, keepdim=True)))
+    return {"on_a": torch.cat(on_a), "on_b": torch.cat(on_b), "scale": torch.cat(scale), "corr": torch.cat(corr)}
+
+
+def test_cdam_sign_is_evidence_for_the_class(cdam_pairs, record_property):
+    r = cdam_pairs
+    n = r["on_a"].numel()
+    assert n >= 100
+    positive_on_own = float((r["on_a"] > 0).double().mean())
+    negative_on_other = float((r["on_b"] <= 0).double().mean())
+    not_positive_on_other = float((r["on_b"] <= CDAM_NEAR_ZERO * r["scale"]).double().mean())
+    both = float(((r["on_a"] > 0) & (r["on_b"] <= CDAM_NEAR_ZERO * r["scale"])).double().mean())
+    print(f"\n[semantics] CDAM for class a on {n} two-class images (seed {HELD_OUT_SEED}): positive on a's instances "
+          f"in {positive_on_own:.3f}; on b's instances negative in {negative_on_other:.3f}, negative or near zero "
+          f"(<= {CDAM_NEAR_ZERO} x max|map|) in {not_positive_on_other:.3f}; both in {both:.3f}")
+    for k, v in (("cdam_positive_on_own", positive_on_own), ("cdam_negative_on_other", negative_on_other),
+                 ("cdam_not_positive_on_other", not_positive_on_other), ("cdam_both", both)):
+        record_property(k, v)
+    assert positive_on_own >= 0.8
+    assert not_positive_on_other >= 0.85
+    assert both >= 0.75
+
+
+def test_cdam_concept_from_examples_matches_the_class_target(cdam_pairs, record_property):
+    corr = cdam_pairs["corr"]
+    mean, median = float(corr.mean()), float(corr.median())
+    print(f"\n[semantics] CDAM with the concept of 16 example images of class a vs CDAM for class a, on "
+          f"{corr.numel()} two-class images: Pearson r mean {mean:.3f}, median {median:.3f}, "
+          f"share above 0.5: {float((corr > 0.5).double().mean()):.3f}")
+    record_property("cdam_concept_corr_mean", mean)
+    record_property("cdam_concept_corr_median", median)
+    assert median >= 0.7
+    assert mean >= 0.6
