@@ -135,7 +135,8 @@ def run_demo(
             at least 1. Default: 300
         seed (int, optional): dataset seed; must not be one of the shipped model's training
             seeds (:func:`captum_vit.zoo.training_seeds`). Default: 2024
-        out (str, optional): output folder for ``gallery.png`` and ``scores.json``; ``None``
+        out (str, optional): output folder for ``gallery.png``, ``scores.json`` and ``scores.txt``
+            (the printed table); ``None``
             writes nothing. Default: ``"captum_vit_demo"``
         methods (optional): method names (see :func:`resolve_methods`); ``None`` = all registered.
         batch_size (int, optional): images per model call. Default: 16
@@ -276,10 +277,14 @@ def run_demo(
                 os.path.join(out, "gallery.png"), rows["images"], rows["gt"], rows["maps"],
                 pred_boxes_by_method=rows["boxes"], titles=rows["titles"])
     scores["runtime_s"] = time.perf_counter() - t_start
-    print(format_table(scores), file=stream)
+    text = format_table(scores)
+    print(text, file=stream)
     if out is not None:
         path = os.path.join(out, "scores.json")
         scores["files"]["scores"] = path
+        scores["files"]["table"] = os.path.join(out, "scores.txt")
+        with open(scores["files"]["table"], "w", encoding="utf-8") as f:
+            f.write(text + "\n")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(_json_safe(scores), f, indent=2)
         print(f"wrote {', '.join(scores['files'].values())} in {scores['runtime_s']:.1f} s", file=stream)
