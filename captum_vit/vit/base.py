@@ -377,6 +377,14 @@ class ViTAdapter:
         """Whether the ViT is in training mode (a new ``nn.Sequential`` around an eval ViT is not)."""
         return self.model.training
 
+    def for_input_size(self, h: int, w: int) -> nn.Module:
+        """The wrapper, or a copy of it whose ViT is fixed to ``h x w`` inputs.
+
+        For tracing one input size (ONNX export): a model that resizes its positional
+        embeddings on every call gets them resized once, ahead of time, in the copy.
+        """
+        return self.wrapper
+
     def vit_input(self, inputs: Tensor) -> Tensor:
         """The wrapper's preprocessing applied to ``inputs`` (identity for a bare ViT)."""
         for m in self.pre:
