@@ -336,6 +336,7 @@ def overlay(image_uint8_hwc: np.ndarray, cam: np.ndarray, alpha: float = 0.5) ->
 
 
 def _providers(device: str) -> List[str]:
+    """Execution providers to ask for, in order: CUDA (when offered and not refused), then CPU."""
     available = ort.get_available_providers()
     if device == "cpu":
         return [CPU]
@@ -378,7 +379,8 @@ class CamSession:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise ExportFormatError(f"{self.path}: no such file")
-        providers = _providers(device)
+        # The session and the IOBinding must use the same GPU, so the CUDA provider gets the device id.
+        providers = [(p, {"device_id": device_id}) if p == CUDA else p for p in _providers(device)]
         try:
             self.session = ort.InferenceSession(self.path, sess_options=session_options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph types

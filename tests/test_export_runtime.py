@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -303,6 +304,19 @@ def test_device_choice(graph, monkeypatch):
     monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert rt._providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert rt._providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_cuda_asked_for_but_not_loaded_falls_back_to_cpu(graph, monkeypatch):
+    """When onnxruntime cannot start the CUDA provider it runs on CPU; the session binds to where it runs."""
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*CUDAExecutionProvider", category=UserWarning)
+        cams = rt.CamSession(graph[0], device="auto", device_id=1)
+    if cams.session.get_providers()[0] == "CUDAExecutionProvider":
+        pytest.skip("a GPU is here: the fallback cannot be seen")
+    assert (cams.device, cams.device_id) == ("cpu", 0)
+    x = _images(2)
+    np.testing.assert_allclose(cams.run(x).cam, rt.CamSession(graph[0], device="cpu").run(x).cam, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
