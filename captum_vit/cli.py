@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "explain", "overlay_stems", "build_parser"]
+__all__ = ["main", "explain", "export", "overlay_stems", "build_parser"]
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -114,6 +114,39 @@ def _cmd_explain(a: argparse.Namespace) -> None:
             method=a.method)
 
 
+def export(
+    out: str,
+    model: str = "shapes_vit",
+    checkpoint: Optional[str] = None,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    method: str = "agcam",
+    opset: int = 17,
+    fp16: bool = False,
+    cam_image: bool = False,
+) -> str:
+    """Export a model with an explanation method to ONNX (:func:`captum_vit.onnx.export_onnx`); returns the path."""
+    from captum_vit.models import load_model
+    from captum_vit.onnx import export_onnx
+
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder; give the .onnx file to write")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"the folder of --out {out!r} does not exist; create {folder!r} first")
+    net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
+    path = export_onnx(net, out, method=method, data_config=cfg, class_names=names, opset=opset, fp16=fp16,
+                       cam_image=cam_image)
+    size = os.path.getsize(path) / 2**20
+    print(f"wrote {path} ({size:.1f} MB): {method}, input {list(cfg['input_size'])}, opset {opset}"
+          + (", fp16" if fp16 else "") + (", with cam_image" if cam_image else ""))
+    return path
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    export(a.out, a.model, a.checkpoint, a.pretrained, a.num_classes, a.method, a.opset, a.fp16, a.cam_image)
+
+
 def _cmd_demo(a: argparse.Namespace) -> None:
     from captum_vit.demo import run_demo_from_args
 
@@ -138,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
                    help="output folder, created if missing (default: captum_vit_out)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("export", help="export a model with AGCAM (or rollout, raw) to one ONNX graph")
+    _add_model_args(p, default="shapes_vit")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--method", default="agcam", choices=["agcam", "rollout", "raw"],
+                   help="explanation method in the graph (default: agcam)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and computation (float32 in and out)")
+    p.add_argument("--cam-image", action="store_true",
+                   help="add a cam_image output: the map at the input size, min-max normalised")
+    p.set_defaults(func=_cmd_export)
 
     from captum_vit.demo import add_demo_arguments
 

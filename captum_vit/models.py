@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["load_model", "load_checkpoint_state", "class_names", "preprocess_images", "SHAPES_NAME"]
+__all__ = ["load_model", "load_checkpoint_state", "class_names", "data_config_for", "preprocess_images", "SHAPES_NAME"]
 
 #: Name of the model shipped with the package (``captum_vit.zoo.shapes_vit``).
 SHAPES_NAME = "shapes_vit"
@@ -109,6 +109,22 @@ def load_model(
     model = model.to(device).eval()
     cfg = resolve_data_config(model=model)
     return model, cfg, class_names(model)
+
+
+def data_config_for(model: nn.Module) -> Dict[str, Any]:
+    """The model's eval preprocessing as a timm data config (``input_size``, ``mean``, ``std``, ...).
+
+    timm models: timm's own resolution. Hugging Face ViTs: a square resize to
+    ``config.image_size`` with mean = std = 0.5, as their image processor does.
+    """
+    if type(model).__name__ == "ViTForImageClassification":
+        s = model.config.image_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return {"input_size": (model.config.num_channels, h, w), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "squash"}
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(model=model)
 
 
 def class_names(model: nn.Module) -> Optional[List[str]]:

@@ -36,7 +36,7 @@ class RawAttention(ViTLayerAttribution):
         return "Raw Attention"
 
     def _request(self) -> Request:
-        return Request(attention="keep", attention_layers=tuple(self.layer_indices))
+        return Request(attention="keep", attention_layers=tuple(self.layer_indices), attention_heads=self.head_fusion)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         (k,) = self.layer_indices

@@ -57,7 +57,7 @@ class AttentionRollout(ViTLayerAttribution):
         return "Attention Rollout"
 
     def _request(self) -> Request:
-        return Request(attention="keep", attention_layers=tuple(self.layer_indices))
+        return Request(attention="keep", attention_layers=tuple(self.layer_indices), attention_heads=self.head_fusion)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         rollout = None

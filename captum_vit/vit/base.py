@@ -206,6 +206,8 @@ class Request:
             last block's output (the one-token backward's linearisation points).
         attention_layers: record attention (and scores) only for these block indices;
             ``None``: every block.
+        attention_heads: with ``attention="keep"``, ``"all"`` records ``[B, H, N, N]``;
+            ``"mean"``, ``"max"`` or ``"min"`` record the head-fused ``[B, 1, N, N]``.
         activations: record every block's intermediate tensors by name (``x, n1, q, k, v,
             o, attn_out, u, n2, h, act, mlp_out``) and the head's input, for rules per
             operation (LRP).
@@ -222,6 +224,7 @@ class Request:
     block_inputs: Union[bool, Tuple[int, ...]] = False
     cls_tokens: bool = False
     attention_layers: Optional[Tuple[int, ...]] = None
+    attention_heads: str = "all"
     activations: bool = False
     features: bool = False
     grad_attention_inputs: Tuple[int, ...] = ()
@@ -279,7 +282,11 @@ def attention_core(
     if req.attention == "grad" and req.detach:
         # The input was detached, so A is a function of constants only: a leaf is exact.
         attn = attn.detach().requires_grad_(True)
-    if req.attention != "none":
+    if req.attention == "keep" and req.attention_heads != "all":
+        # Fused over heads as it is recorded: H times less memory for methods that fuse anyway.
+        fused = {"mean": attn.mean, "max": attn.amax, "min": attn.amin}[req.attention_heads](dim=1)
+        rec.attention.append(fused.unsqueeze(1))
+    elif req.attention != "none":
         rec.attention.append(attn)
     if dropout is not None:
         attn = dropout(attn)
@@ -369,6 +376,14 @@ class ViTAdapter:
     def is_training(self) -> bool:
         """Whether the ViT is in training mode (a new ``nn.Sequential`` around an eval ViT is not)."""
         return self.model.training
+
+    def for_input_size(self, h: int, w: int) -> nn.Module:
+        """The wrapper, or a copy of it whose ViT is fixed to ``h x w`` inputs.
+
+        For tracing one input size (ONNX export): a model that resizes its positional
+        embeddings on every call gets them resized once, ahead of time, in the copy.
+        """
+        return self.wrapper
 
     def vit_input(self, inputs: Tensor) -> Tensor:
         """The wrapper's preprocessing applied to ``inputs`` (identity for a bare ViT)."""

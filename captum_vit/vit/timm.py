@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Callable, List, Optional, Tuple
 
@@ -149,6 +150,22 @@ class TimmViTAdapter(ViTAdapter):
         if isinstance(out, tuple):  # distilled training mode returns (cls, dist)
             out = (out[0] + out[1]) / 2
         return out
+
+    def for_input_size(self, h: int, w: int) -> nn.Module:
+        m = self.model
+        if not getattr(m, "dynamic_img_size", False) or tuple(m.patch_embed.grid_size) == self._grid(h, w):
+            return self.wrapper
+        if not hasattr(m, "set_input_size"):
+            raise ValueError(
+                "this timm version cannot fix a dynamic_img_size model to one input size (no set_input_size); "
+                "upgrade timm"
+            )
+        memo: dict = {}
+        wrapper = copy.deepcopy(self.wrapper, memo)
+        # The copy's positional embeddings are resampled once for h x w, so that the per-call
+        # resampling becomes a no-op (and bicubic antialiased resampling never reaches a trace).
+        memo[id(m)].set_input_size(img_size=(h, w))
+        return wrapper
 
     def _check_size(self, h: int, w: int) -> None:
         pe = self.model.patch_embed
