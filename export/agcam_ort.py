@@ -497,7 +497,19 @@ class CamSession:
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return dict(zip(self.output_names, binding.get_outputs()))
+        values = dict(zip(self.output_names, binding.get_outputs()))
+        self._check_output_shapes(values, images.shape[0])
+        return values
+
+    def _check_output_shapes(self, values: Dict[str, ort.OrtValue], batch: int) -> None:
+        """Output sizes the graph leaves symbolic (the map's grid) are held to the metadata once they are known."""
+        c, h, w = self.config.input_size
+        expected = {"logits": [batch, self.config.num_classes], "cam": [batch, *self.config.grid],
+                    "cam_image": [batch, h, w]}
+        for name, value in values.items():
+            if list(value.shape()) != expected[name]:
+                raise ExportFormatError(f"{self.path}: the graph returned {name!r} of shape {list(value.shape())}; "
+                                        f"its metadata says {expected[name]}")
 
     def run(self, images: np.ndarray, targets: Union[None, int, Sequence[int], np.ndarray] = None,
             batch_size: Optional[int] = None) -> CamOutputs:

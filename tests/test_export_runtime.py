@@ -1,7 +1,7 @@
 """The torch-free deployment runtime ``export/agcam_ort.py``: parity, preprocessing, checks, CLI without torch.
 
-Graphs come from the stand-in in ``tests/make_ort_fixture.py`` (the export contract's signature and
-metadata on a tiny torch module); the runtime itself is loaded from its file, as a deployment would.
+Graphs come from :func:`captum_vit.onnx.export_onnx` on a tiny, non-square ViT; the runtime is loaded
+from its file, as a deployment would.
 """
 
 import importlib.util
@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from captum_vit import AGCAM
+from captum_vit.onnx import export_onnx
+from conftest import _perturb
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "export" / "agcam_ort.py"
-sys.path.insert(0, str(ROOT / "tests"))
-from make_ort_fixture import (  # noqa: E402
-    CLASS_NAMES,
-    INPUT_HW,
-    NUM_CLASSES,
-    StandIn,
-    export_stand_in,
-    write_image,
-)
+H, W = 32, 48  # not square, so height and width cannot be swapped unnoticed
+PATCH = 8
+NUM_CLASSES = 5
+CLASS_NAMES = ["circle", "square", "triangle", "star", "cross"]
+DATA_CONFIG = dict(input_size=(3, H, W), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                   std=(0.229, 0.224, 0.225), crop_pct=0.875, crop_mode="center")
 
 
 def _load_runtime():
@@ -41,14 +42,28 @@ def _load_runtime():
 
 
 rt = _load_runtime()
-H, W = INPUT_HW
+
+
+def _tiny_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return _perturb(VisionTransformer(img_size=(H, W), patch_size=PATCH, embed_dim=48, depth=2, num_heads=4,
+                                      num_classes=NUM_CLASSES, qkv_bias=True)).eval()
+
+
+def write_image(path, size=(70, 53), seed=0):
+    """A random RGB PNG, ``size`` as (width, height)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
-    path = tmp_path_factory.mktemp("graph") / "model.onnx"
-    model = export_stand_in(str(path))
-    return str(path), model
+    path = str(tmp_path_factory.mktemp("graph") / "model.onnx")
+    model = _tiny_vit()
+    export_onnx(model, path, method="agcam", data_config=DATA_CONFIG, class_names=CLASS_NAMES, cam_image=True)
+    return path, model
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +76,16 @@ def _images(n, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parity: the runtime, onnxruntime directly and the torch module give the same numbers.
+# Parity: the runtime, onnxruntime directly and captum-vit in torch give the same numbers.
+
+
+def _eager(model, method, x, classes):
+    """The method's maps in torch (``[B, gh, gw]``), the logits, and ``cam_image`` as the contract defines it."""
+    cam, logits = method(model).attribute(torch.from_numpy(x), target=[int(c) for c in classes], return_logits=True)
+    cam = cam[:, 0].detach()
+    up = F.interpolate(cam[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+    return cam.numpy(), logits.detach().numpy(), ((up - lo) / (hi - lo).clamp_min(1e-12)).numpy()
 
 
 def test_parity_with_onnxruntime_and_torch(graph, cams):
@@ -73,19 +97,20 @@ def test_parity_with_onnxruntime_and_torch(graph, cams):
     direct = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     logits, cam, cam_image = direct.run(["logits", "cam", "cam_image"], {"image": x, "target": targets})
     np.testing.assert_allclose(out.logits, logits, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(out.cam, cam, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.cam, cam, rtol=0, atol=1e-6 * float(np.abs(cam).max()))
     np.testing.assert_allclose(out.cam_image, cam_image, rtol=0, atol=1e-6)
 
     with torch.no_grad():
-        t_logits, t_cam, t_cam_image = model(torch.from_numpy(x), torch.from_numpy(targets))
-    np.testing.assert_allclose(out.logits, t_logits.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.cam, t_cam.numpy(), rtol=1e-5, atol=1e-5 * float(t_cam.abs().max()))
-    np.testing.assert_allclose(out.cam_image, t_cam_image.numpy(), rtol=0, atol=1e-5)
-
-    predicted = t_logits.argmax(1).numpy()
-    np.testing.assert_array_equal(out.classes, np.where(targets < 0, predicted, targets))
-    np.testing.assert_allclose(out.probabilities, torch.softmax(t_logits.double(), 1).numpy(), atol=1e-6)
-    assert out.cam.shape == (5, H // 8, W // 8) and out.cam_image.shape == (5, H, W)
+        predicted = model(torch.from_numpy(x)).argmax(1).numpy()
+    classes = np.where(targets < 0, predicted, targets)
+    np.testing.assert_array_equal(out.classes, classes)
+    t_cam, t_logits, t_cam_image = _eager(model, AGCAM, x, classes)
+    np.testing.assert_allclose(out.logits, t_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.cam, t_cam, rtol=0, atol=1e-5 * float(np.abs(t_cam).max()))
+    np.testing.assert_allclose(out.cam_image, t_cam_image, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out.probabilities, torch.softmax(torch.from_numpy(t_logits).double(), 1).numpy(),
+                               atol=1e-5)
+    assert out.cam.shape == (5, H // PATCH, W // PATCH) and out.cam_image.shape == (5, H, W)
 
 
 def test_batching_and_target_forms(cams):
@@ -106,24 +131,28 @@ def test_run_ortvalues_keeps_outputs_as_ortvalues(cams):
     values = cams.run_ortvalues(x, np.array([1, -1, 2]))
     assert set(values) == {"logits", "cam", "cam_image"}
     assert all(isinstance(v, ort.OrtValue) for v in values.values())
-    assert values["cam"].shape() == [3, H // 8, W // 8]
+    assert values["cam"].shape() == [3, H // PATCH, W // PATCH]
     np.testing.assert_allclose(values["cam"].numpy(), cams.run(x, [1, -1, 2]).cam, atol=1e-6)
 
 
-def test_graph_without_cam_image(tmp_path):
-    path = tmp_path / "raw_only.onnx"
-    model = export_stand_in(str(path), StandIn(with_cam_image=False), class_names=None)
+def test_rollout_graph_without_cam_image_or_names(tmp_path):
+    from captum_vit.attr import AttentionRollout
+
+    model = _tiny_vit()
+    path = export_onnx(model, str(tmp_path / "rollout.onnx"), method="rollout", data_config=DATA_CONFIG)
     cams = rt.CamSession(path, device="cpu")
     assert cams.config.outputs == ("logits", "cam") and cams.config.class_names is None
+    assert cams.config.method == "rollout"
     x = _images(2, seed=3)
     out = cams.run(x)
     assert out.cam_image is None
-    with torch.no_grad():
-        np.testing.assert_allclose(out.cam, model(torch.from_numpy(x), torch.tensor([-1, -1]))[1].numpy(),
-                                   rtol=1e-5, atol=1e-5)
-    write_image(str(tmp_path / "a.png"))
+    t_cam, t_logits, _ = _eager(model, AttentionRollout, x, out.classes)
+    np.testing.assert_allclose(out.cam, t_cam, rtol=0, atol=1e-5 * float(np.abs(t_cam).max()))
+    np.testing.assert_allclose(out.logits, t_logits, rtol=1e-5, atol=1e-5)
+    write_image(tmp_path / "a.png")
     (record,) = cams.explain_files([tmp_path / "a.png"], tmp_path / "out")
     assert record["predicted_name"] is None
+    assert os.path.basename(record["overlay"]) == f"a_rollout_class{record['predicted']}.png"
     assert Image.open(record["overlay"]).size == (W, H)
 
 
@@ -184,7 +213,7 @@ def test_overlay_matches_library_overlay():
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    cam = rng.random((H // 8, W // 8)).astype(np.float32)
+    cam = rng.random((H // PATCH, W // PATCH)).astype(np.float32)
     diff = rt.overlay(image, cam).astype(int) - overlay(image, cam).astype(int)
     assert np.abs(diff).max() <= 1  # rounding at .5 after float32 vs float64 upsampling
 
@@ -226,7 +255,7 @@ def test_bad_batch_size(cams):
 
 def test_bad_files_for_explain(cams, tmp_path, monkeypatch):
     monkeypatch.setattr(cams.session, "run_with_iobinding", lambda *a, **k: pytest.fail("the session ran"))
-    write_image(str(tmp_path / "good.png"))
+    write_image(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(rt.CamInputError, match="broken.png: cannot read it as an image"):
         cams.explain_files([tmp_path / "good.png", tmp_path / "broken.png"], tmp_path / "out")
@@ -276,7 +305,6 @@ def _plain_onnx(path):
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.class_names": '["a"]'}), "5 strings"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.input_size": "[3, 48, 32]"}),
      r"metadata says \[B, 3, 48, 32\]"),
-    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.grid": "[6, 4]"}), "'cam' has shape"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.outputs": '["logits", "cam"]'}),
      "does not match the graph's outputs"),
 ])
@@ -286,11 +314,20 @@ def test_bad_files_raise(graph, tmp_path, make, match):
         rt.CamSession(path, device="cpu")
 
 
-def test_fixed_batch_graph_is_refused(tmp_path):
-    path = str(tmp_path / "fixed.onnx")
-    export_stand_in(path, dynamic_batch=False)
+def test_grid_is_held_to_the_metadata_when_the_graph_leaves_it_symbolic(graph, tmp_path):
+    path = _with_metadata(graph[0], str(tmp_path / "m.onnx"), **{"captum_vit.grid": f"[{W // PATCH}, {H // PATCH}]"})
+    cams = rt.CamSession(path, device="cpu")
+    with pytest.raises(rt.ExportFormatError, match=r"'cam' of shape \[2, 4, 6\]; its metadata says \[2, 6, 4\]"):
+        cams.run(_images(2))
+
+
+def test_fixed_batch_graph_is_refused(graph, tmp_path):
+    g = onnx.load(graph[0])
+    for value in g.graph.input:
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(g, str(tmp_path / "fixed.onnx"))
     with pytest.raises(rt.ExportFormatError, match="dynamic batch"):
-        rt.CamSession(path, device="cpu")
+        rt.CamSession(tmp_path / "fixed.onnx", device="cpu")
 
 
 def test_device_choice(graph, monkeypatch):
@@ -331,8 +368,8 @@ def test_unique_stems():
 def test_explain_files(cams, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    write_image(str(tmp_path / "a" / "cat.png"), (90, 60), seed=1)
-    write_image(str(tmp_path / "b" / "cat.png"), (40, 70), seed=2)
+    write_image((tmp_path / "a" / "cat.png"), (90, 60), seed=1)
+    write_image((tmp_path / "b" / "cat.png"), (40, 70), seed=2)
     paths = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png"]
     records = cams.explain_files(paths, tmp_path / "out", target=3)
     assert [os.path.basename(r["overlay"]) for r in records] == ["cat_agcam_class3.png", "cat-2_agcam_class3.png"]
@@ -380,9 +417,9 @@ def _cli_without_torch(*args):
 
 def test_cli_without_torch(graph, tmp_path):
     (tmp_path / "x").mkdir()
-    write_image(str(tmp_path / "one.png"), (80, 50), seed=4)
-    write_image(str(tmp_path / "x" / "one.png"), (50, 80), seed=5)
-    write_image(str(tmp_path / "two.png"), (48, 32), seed=6)
+    write_image((tmp_path / "one.png"), (80, 50), seed=4)
+    write_image((tmp_path / "x" / "one.png"), (50, 80), seed=5)
+    write_image((tmp_path / "two.png"), (48, 32), seed=6)
     images = [tmp_path / "one.png", tmp_path / "x" / "one.png", tmp_path / "two.png"]
     done = _cli_without_torch(graph[0], *images, "--out", tmp_path / "out", "--cpu", "--batch-size", "2")
     assert done.returncode == 0, done.stderr
@@ -404,7 +441,7 @@ def test_cli_without_torch(graph, tmp_path):
 
 
 def test_cli_errors_without_torch(graph, tmp_path):
-    write_image(str(tmp_path / "one.png"))
+    write_image(tmp_path / "one.png")
     done = _cli_without_torch(graph[0], tmp_path / "one.png", "--out", tmp_path / "out", "--target", "9")
     assert done.returncode == 2 and "target 9 is out of range" in done.stderr
     _plain_onnx(str(tmp_path / "plain.onnx"))
