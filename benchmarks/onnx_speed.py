@@ -2,7 +2,7 @@
 
 Per model and batch: the classifier exported plainly (logits only) run by ONNX Runtime; the
 captum-vit AGCAM graph (logits and cam) run by ONNX Runtime; eager PyTorch AGCAM
-(``attribute(..., return_logits=True)``); and eager PyTorch's plain forward. Also the two
+(``attribute(..., return_logits=True)``); and eager PyTorch's plain forward (``no_grad``). Also the two
 files' sizes. With ``--device cuda`` (onnxruntime-gpu), the ONNX rows run with and without
 IOBinding (inputs and outputs kept on the GPU), in fp32 and fp16.
 
@@ -39,6 +39,11 @@ def timeit(fn, repeats, warmup=2):
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1000
+
+
+def _no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
 
 
 def export_plain(model, path, size, half=False):
@@ -110,7 +115,7 @@ def run(models, batches, device, precisions, repeats):
                 if not half and device == "cpu":
                     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
                     agcam = AGCAM(model)
-                    res["torch_forward"] = timeit(lambda: model(xt), repeats)  # noqa: B023
+                    res["torch_forward"] = timeit(lambda: _no_grad(model, xt), repeats)  # noqa: B023
                     res["torch_agcam"] = timeit(lambda: agcam.attribute(xt, target=tt, return_logits=True),  # noqa: B023
                                                 repeats)
                 rows.append(res)
