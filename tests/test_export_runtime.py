@@ -167,6 +167,12 @@ def _config(input_size, interpolation, crop_pct, crop_mode):
                            outputs=("logits", "cam"))
 
 
+def timm_version():
+    import timm
+
+    return timm.__version__
+
+
 @pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("input_size, crop_pct", [((3, 32, 32), 0.875), ((3, 32, 48), 0.9), ((3, 40, 24), 1.0)])
@@ -176,6 +182,12 @@ def test_preprocess_matches_timm(crop_mode, interpolation, input_size, crop_pct)
     cfg = dict(input_size=input_size, interpolation=interpolation, mean=(0.485, 0.456, 0.406),
                std=(0.229, 0.224, 0.225), crop_pct=crop_pct, crop_mode=crop_mode)
     transform = create_transform(**cfg)
+    keep_ratio = [t for t in transform.transforms if type(t).__name__ == "ResizeKeepRatio"]
+    if keep_ratio and interpolation not in str(keep_ratio[0].interpolation).lower():
+        # Older timm releases drop the interpolation for non-square center crops and always resize
+        # bilinearly; the runtime follows the configured interpolation, as current timm does.
+        pytest.skip(f"this timm ({timm_version()}) ignores interpolation={interpolation!r} "
+                    "for a non-square center crop")
     config = _config(input_size, interpolation, crop_pct, crop_mode)
     rng = np.random.default_rng(0)
     for size in [(77, 53), (41, 90), (36, 36), (20, 29)]:  # (width, height): wide, tall, square, smaller than crop

@@ -162,9 +162,12 @@ class TimmViTAdapter(ViTAdapter):
             )
         memo: dict = {}
         wrapper = copy.deepcopy(self.wrapper, memo)
-        # The copy's positional embeddings are resampled once for h x w, so that the per-call
-        # resampling becomes a no-op (and bicubic antialiased resampling never reaches a trace).
-        memo[id(m)].set_input_size(img_size=(h, w))
+        # The copy's positional embeddings are resampled once for h x w and the copy is made a
+        # fixed-size model, so that no per-call (bicubic, antialiased) resampling reaches a trace.
+        vit = memo[id(m)]
+        vit.set_input_size(img_size=(h, w))
+        vit.dynamic_img_size = False
+        vit.patch_embed.flatten = True  # fixed-size models take the patch tokens flattened (NLC)
         return wrapper
 
     def _check_size(self, h: int, w: int) -> None:
