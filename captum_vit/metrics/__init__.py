@@ -1,5 +1,14 @@
 """Evaluation metrics: tensors in, numbers out; they know nothing of attribution methods."""
 
+from .diagnostics import (
+    diffusion,
+    insensitivity,
+    map_entropy,
+    mass_outside,
+    remove_top_patches,
+    spearman,
+    texture_collapse,
+)
 from .localization import (
     METRIC_NAMES,
     binarize,
@@ -34,16 +43,23 @@ __all__ = [
     "boxes_touch_instances",
     "contour_boxes",
     "deletion_insertion",
+    "diffusion",
     "evaluate_localization",
     "gaussian_blur",
+    "insensitivity",
     "instances_touched",
     "localization_metrics",
+    "map_entropy",
     "mass_inside",
+    "mass_outside",
     "mean",
+    "minmax_normalize",
     "perturbation_curves",
     "pixel_ranks",
-    "minmax_normalize",
     "predict_boxes",
+    "remove_top_patches",
     "scale_boxes",
+    "spearman",
+    "texture_collapse",
     "upsample",
 ]
