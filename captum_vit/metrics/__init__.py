@@ -1,5 +1,14 @@
 """Evaluation metrics: tensors in, numbers out; they know nothing of attribution methods."""
 
+from .diagnostics import (
+    diffusion,
+    insensitivity,
+    map_entropy,
+    mass_outside,
+    remove_top_patches,
+    spearman,
+    texture_collapse,
+)
 from .localization import (
     METRIC_NAMES,
     binarize,
@@ -16,20 +25,41 @@ from .localization import (
     scale_boxes,
     upsample,
 )
+from .perturbation import (
+    ABPC_FRACTIONS,
+    abpc,
+    deletion_insertion,
+    gaussian_blur,
+    perturbation_curves,
+    pixel_ranks,
+)
 
 __all__ = [
+    "ABPC_FRACTIONS",
     "METRIC_NAMES",
+    "abpc",
     "binarize",
     "boxes_to_mask",
     "boxes_touch_instances",
     "contour_boxes",
+    "deletion_insertion",
+    "diffusion",
     "evaluate_localization",
+    "gaussian_blur",
+    "insensitivity",
     "instances_touched",
     "localization_metrics",
+    "map_entropy",
     "mass_inside",
+    "mass_outside",
     "mean",
     "minmax_normalize",
+    "perturbation_curves",
+    "pixel_ranks",
     "predict_boxes",
+    "remove_top_patches",
     "scale_boxes",
+    "spearman",
+    "texture_collapse",
     "upsample",
 ]
