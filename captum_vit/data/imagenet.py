@@ -69,9 +69,10 @@ class ImageNetVal(AnnotatedImageDataset):
     Examples::
 
         >>> ds = ImageNetVal("/data/imagenet")
-        >>> s = ds[0]
-        >>> s["image"].shape, s["label"], s["boxes"]
-        (torch.Size([3, 224, 224]), 65, tensor([[ 30,  24, 190, 200]]))
+        >>> sample = ds[0]
+        >>> sample["image"].shape      # torch.Size([3, 224, 224])
+        >>> ds.classes[sample["label"]]  # the image's wnid
+        >>> sample["boxes"]             # LongTensor[K, 4], inclusive, in the 224 x 224 input
     """
 
     def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
