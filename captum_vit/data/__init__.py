@@ -1,7 +1,31 @@
-"""Datasets."""
+"""Datasets.
 
+The real-image datasets (ImageNet val, PASCAL VOC, CUB-200-2011) need only torch, PIL and the
+standard library, like the synthetic shapes, so they are imported eagerly: ``import captum_vit.data``
+stays light enough for dataloader workers.
+"""
+
+from .boxes import AnnotatedImageDataset, DatasetFileError, Preprocess, collate_annotated
+from .cub import CUBTest
+from .imagenet import ImageNetVal
 from .shapes import CLASSES, SPLITS, ShapesDataset, collate, generate
+from .voc import VOC_CLASSES, VOCSingleClass
 
 SHAPES_CLASSES = CLASSES
 
-__all__ = ["CLASSES", "SHAPES_CLASSES", "SPLITS", "ShapesDataset", "collate", "generate"]
+__all__ = [
+    "CLASSES",
+    "SHAPES_CLASSES",
+    "SPLITS",
+    "ShapesDataset",
+    "collate",
+    "generate",
+    "AnnotatedImageDataset",
+    "CUBTest",
+    "DatasetFileError",
+    "ImageNetVal",
+    "Preprocess",
+    "VOCSingleClass",
+    "VOC_CLASSES",
+    "collate_annotated",
+]
