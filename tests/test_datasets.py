@@ -337,6 +337,19 @@ def test_cub_test_split_labels_and_boxes(tmp_path):
     assert len(CUBTest(str(tmp_path / "CUB_200_2011"), input_size=S)) == 3
 
 
+def test_cub_train_split(tmp_path):
+    root = _cub(str(tmp_path))
+    ds = CUBTest(root, input_size=S, split="train")
+    assert len(ds) == 1  # only id 1 has flag 1
+    s1 = ds[0]
+    assert os.path.basename(s1["path"]) == "a_1.jpg" and s1["label"] == 0
+    # 50 x 50, (1, 2, 10, 10) -> (1, 2, 11, 12) -> (int 0.64, int 1.28, int 7.04, int 7.68)
+    assert s1["boxes"].tolist() == [[0, 1, 7, 7]]
+    assert len(CUBTest(root, input_size=S, split="test")) == 3  # the default
+    with pytest.raises(ValueError, match="split"):
+        CUBTest(root, split="val")
+
+
 def test_cub_errors(tmp_path):
     root = _cub(str(tmp_path / "a"), bad_box=True)
     with pytest.raises(DatasetFileError, match=r"bounding_boxes\.txt.*id 3"):

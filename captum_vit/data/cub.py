@@ -1,4 +1,4 @@
-"""CUB-200-2011 test images with their bounding boxes.
+"""CUB-200-2011 images (test split by default) with their bounding boxes.
 
 Layout under ``root`` (the ``CUB_200_2011`` folder, or a folder holding it), every list keyed by
 the image id in its first column::
@@ -10,7 +10,8 @@ the image id in its first column::
     classes.txt              <class id> <name>
     images/<relative path>
 
-Only test images (split flag 0) are used; ``label = class id - 1``. A box becomes
+Only the images of one split are used: test (split flag 0, the default) or train (flag 1, for
+fine-tuning a classifier head); ``label = class id - 1``. A box becomes
 ``(x, y, x + width, y + height)``, taken as inclusive bounds like the other datasets' boxes: the
 annotation does not say whether its far edge is inside, and this reading keeps the whole
 annotated area (at most one extra original pixel per side) before the scaling truncates.
@@ -25,6 +26,8 @@ from .boxes import AnnotatedImageDataset, DatasetFileError, Record, check_box
 
 __all__ = ["CUBTest"]
 
+# flag of each split in train_test_split.txt
+_SPLIT_FLAGS = {"train": "1", "test": "0"}
 _FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt")
 
 
@@ -45,10 +48,12 @@ def _read_table(path: str, width: int) -> Dict[str, List[str]]:
 
 
 class CUBTest(AnnotatedImageDataset):
-    r"""CUB-200-2011 test split with one box per image.
+    r"""CUB-200-2011 test (or train) split with one box per image.
 
     Args:
         root (str): the ``CUB_200_2011`` folder or its parent.
+        split (str, optional): ``"test"`` (flag 0 in ``train_test_split.txt``) or ``"train"``
+            (flag 1). Default: ``"test"``
         input_size, mean, std, transform, crop_pct, interpolation, on_error, verify_images: as
             for :class:`captum_vit.data.ImageNetVal`.
 
@@ -59,7 +64,10 @@ class CUBTest(AnnotatedImageDataset):
 
     def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
-                 interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False) -> None:
+                 interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False,
+                 split: str = "test") -> None:
+        if split not in _SPLIT_FLAGS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_FLAGS)}, got {split!r}")
         super().__init__(input_size, mean, std, transform, crop_pct, interpolation, on_error, verify_images)
         self.root = os.fspath(root)
         base = next((c for c in (self.root, os.path.join(self.root, "CUB_200_2011"))
@@ -73,7 +81,7 @@ class CUBTest(AnnotatedImageDataset):
         # the lists are read whole: a malformed list taints every sample, so it always raises
         images = _read_table(p["images.txt"], 1)
         labels = _read_table(p["image_class_labels.txt"], 1)
-        split = _read_table(p["train_test_split.txt"], 1)
+        flags = _read_table(p["train_test_split.txt"], 1)
         boxes = _read_table(p["bounding_boxes.txt"], 4)
         class_rows = _read_table(p["classes.txt"], 1)
         try:
@@ -85,18 +93,18 @@ class CUBTest(AnnotatedImageDataset):
         self.classes = [class_rows[str(k)][0].strip() for k in class_ids]
 
         records = []
-        for image_id in sorted(split, key=_id_key):
-            flag = split[image_id][0]
+        for image_id in sorted(flags, key=_id_key):
+            flag = flags[image_id][0]
             if flag not in ("0", "1"):
                 self._fail(DatasetFileError(p["train_test_split.txt"], f"id {image_id}: flag {flag!r} is not 0 or 1"))
                 continue
-            if flag == "1":
+            if flag != _SPLIT_FLAGS[split]:
                 continue
             try:
                 for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt"):
                     if image_id not in {"images.txt": images, "image_class_labels.txt": labels,
                                         "bounding_boxes.txt": boxes}[name]:
-                        raise DatasetFileError(p[name], f"no entry for test image id {image_id}")
+                        raise DatasetFileError(p[name], f"no entry for {split} image id {image_id}")
                 try:
                     label = int(labels[image_id][0]) - 1
                 except ValueError:
