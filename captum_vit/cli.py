@@ -153,6 +153,14 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo_from_args(a)
 
 
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from captum_vit.evaluate import run_evaluation
+
+    run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
+                   checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit, threshold=a.threshold,
+                   out=a.out, json_path=a.json, device=a.device, progress=not a.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captum-vit", description="Class-specific explanations for Vision Transformers (AGCAM, Captum)."
@@ -182,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-image", action="store_true",
                    help="add a cam_image output: the map at the input size, min-max normalised")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("evaluate", help="score methods with the localization and ABPC protocols (resumable)")
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "imagenet", "voc", "cub"],
+                   help="shapes: the shipped held-out benchmark (seed 2024, 300 images); the others need --root "
+                        "(default: shapes)")
+    p.add_argument("--root", metavar="DIR", help="the dataset's folder (imagenet, voc, cub)")
+    p.add_argument("--methods", default="agcam,rollout,lrp", help="comma-separated method names "
+                   "(default: agcam,rollout,lrp, the AGCAM paper's columns)")
+    p.add_argument("--metrics", default="localization,abpc,diagnostics",
+                   help="comma-separated metric groups (default: localization,abpc,diagnostics)")
+    p.add_argument("--model", default="shapes_vit", help="timm model name or shapes_vit (default: shapes_vit)")
+    p.add_argument("--checkpoint", metavar="FILE", help="state-dict file, loaded with weights_only=True")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--threshold", type=float, default=0.5, help="localization threshold in [0, 1] (default 0.5)")
+    p.add_argument("--out", default="captum_vit_eval", metavar="DIR",
+                   help="folder for results.h5 (resumed when present), table.md, results.json "
+                        "(default: captum_vit_eval)")
+    p.add_argument("--json", metavar="FILE", help="where to write the JSON (default: DIR/results.json)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_evaluate)
 
     from captum_vit.demo import add_demo_arguments
 
