@@ -544,6 +544,8 @@ def run_evaluation(
     print(table, file=stream)
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
+    from captum_vit.demo import _json_safe
+
     json_path = json_path or os.path.join(out, "results.json")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2)
@@ -552,12 +554,3 @@ def run_evaluation(
           file=stream)
     return result
 
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
