@@ -78,7 +78,6 @@ def load_model(
         return model, cfg, list(SHAPES_CLASSES)
 
     import timm
-    from timm.data import resolve_data_config
 
     state = load_checkpoint_state(checkpoint) if checkpoint else None
     if num_classes is None and state is not None:
@@ -107,7 +106,7 @@ def load_model(
                       "predictions and explanations mean nothing; add --pretrained or --checkpoint FILE",
                       UserWarning, stacklevel=2)
     model = model.to(device).eval()
-    cfg = resolve_data_config(model=model)
+    cfg = data_config_for(model)
     return model, cfg, class_names(model)
 
 
