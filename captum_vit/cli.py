@@ -158,7 +158,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
     run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
                    checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit, threshold=a.threshold,
-                   out=a.out, json_path=a.json, device=a.device, progress=not a.no_progress)
+                   out=a.out, json_path=a.json, device=a.device, progress=not a.no_progress, workers=a.workers,
+                   preprocess=a.preprocess, on_error=a.on_error, keep_maps=not a.no_maps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,8 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE", help="state-dict file, loaded with weights_only=True")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes loading images (default 0)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--threshold", type=float, default=0.5, help="localization threshold in [0, 1] (default 0.5)")
+    p.add_argument("--preprocess", default="squash", choices=["squash", "resize_crop"],
+                   help="squash: resize to the input size, the papers' protocol; resize_crop: timm's resize and "
+                        "center crop, boxes moved to match (default: squash)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="an unreadable image or annotation: stop naming the file, or skip it and count it "
+                        "(default: raise)")
+    p.add_argument("--no-maps", action="store_true", help="do not keep each image's maps in the store "
+                   "(smaller; reports then show scores without pictures)")
     p.add_argument("--out", default="captum_vit_eval", metavar="DIR",
                    help="folder for results.h5 (resumed when present), table.md, results.json "
                         "(default: captum_vit_eval)")
