@@ -12,8 +12,8 @@ from captum_vit.attr import METHODS
 from captum_vit.cli import main
 from captum_vit.data import ShapesDataset, collate
 from captum_vit.demo import run_demo
-from captum_vit.evaluate import StoreCorruptError, StoreMismatchError, evaluate
-from captum_vit.metrics import abpc
+from captum_vit.evaluate import StoreCorruptError, StoreMismatchError, StoreVersionError, evaluate, load_store
+from captum_vit.metrics import abpc, remove_top_patches, spearman
 from conftest import make_timm
 
 LOC = ["pixel_acc", "iou", "dice", "precision", "recall"]
@@ -180,3 +180,163 @@ def test_cli_smoke(tmp_path, capsys):
     assert "0 images computed" in capsys.readouterr().out
     assert main(args[:-1] + ["--threshold", "0.3", "--no-progress"]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+def test_stored_maps_probabilities_and_insensitivity_equal_direct_calls(tiny, tmp_path):
+    store = str(tmp_path / "r.h5")
+    ds = shapes64(8)
+    evaluate(tiny, ds, "agcam", metrics=("diagnostics",), batch_size=4, store=store, progress=False)
+    batch = collate([ds[i] for i in range(8)])
+    x, labels = batch["image"], batch["label"]
+    explainer = METHODS["agcam"](tiny)
+    maps_pred, logits = explainer.attribute(x, return_logits=True)
+    probs = logits.softmax(-1)
+    pred = probs.argmax(-1)
+    maps_label = explainer.attribute(x, target=labels)
+    removed = remove_top_patches(x, maps_label, patch_size=8, fraction=0.2)
+    maps_removed, logits_removed = explainer.attribute(removed, target=labels, return_logits=True)
+    with load_store(store) as rs:
+        rows = rs.read("agcam")
+        assert rs.attrs["complete"] and rs.attrs["n_total"] == 8
+    assert rows["index"].tolist() == list(range(8)) and rows["pred"].tolist() == pred.tolist()
+    assert rows["map_pred"].dtype == np.float16 and rows["map_pred"].shape == (8, 8, 8)
+    np.testing.assert_allclose(rows["map_pred"], maps_pred[:, 0].numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(rows["map_label"], maps_label[:, 0].numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(rows["prob_pred"], probs.max(-1).values.numpy(), rtol=1e-5)
+    p_label = probs.gather(1, labels[:, None])[:, 0]
+    np.testing.assert_allclose(rows["prob_label"], p_label.numpy(), rtol=1e-5)
+    rho = spearman(maps_label, maps_removed).numpy()
+    np.testing.assert_allclose(rows["insensitivity"], rho, atol=1e-6)
+    drop = (p_label - logits_removed.softmax(-1).gather(1, labels[:, None])[:, 0]).numpy()
+    np.testing.assert_allclose(rows["prob_drop"], drop, atol=1e-5)
+
+
+def test_store_of_an_interrupted_run_is_marked_incomplete(tiny, tmp_path):
+    store = str(tmp_path / "r.h5")
+
+    def stop(done, indices):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny, shapes64(8), "agcam", metrics=("localization",), batch_size=4, store=store, progress=False,
+                 on_batch=stop, run_info={"model": "tiny"})
+    with load_store(str(tmp_path / "r.h5")) as rs:
+        assert not rs.attrs["complete"] and rs.attrs["n_total"] == 8
+        assert json.loads(rs.attrs["run"]) == {"model": "tiny"} and len(rs.done()) == 4
+        assert rs.methods == ["agcam"] and "iou" in rs.columns and rs.maps == ["map_pred", "map_label"]
+
+
+def test_store_of_another_format_version_is_refused(tiny, tmp_path):
+    store = str(tmp_path / "r.h5")
+    evaluate(tiny, shapes64(4), "agcam", metrics=("localization",), store=store, progress=False)
+    with h5py.File(store, "a") as f:
+        f.attrs["format_version"] = 1
+    with pytest.raises(StoreVersionError, match="another version of captum-vit"):
+        load_store(store)
+    with pytest.raises(StoreVersionError, match="format 1"):
+        evaluate(tiny, shapes64(4), "agcam", metrics=("localization",), store=store, progress=False)
+    with pytest.raises(FileNotFoundError):
+        load_store(str(tmp_path / "missing.h5"))
+
+
+def test_without_maps_the_store_holds_scores_only(tiny, tmp_path):
+    store = str(tmp_path / "r.h5")
+    a = evaluate(tiny, shapes64(4), "agcam", metrics=("abpc",), store=store, keep_maps=False, progress=False)
+    b = evaluate(tiny, shapes64(4), "agcam", metrics=("abpc",), progress=False)
+    with load_store(store) as rs:
+        assert rs.maps == [] and "map_pred" not in rs.read("agcam")
+    assert a["methods"]["agcam"]["abpc"] == b["methods"]["agcam"]["abpc"]
+
+
+def _imagenet_fixture(root, size=40):
+    """Three readable ImageNet val images in the per-wnid layout, and one corrupt one."""
+    from PIL import Image
+
+    data, ann = root / "Data" / "CLS-LOC" / "val", root / "Annotations" / "CLS-LOC" / "val"
+    ann.mkdir(parents=True)
+    items = [("n01", 0), ("n02", 1), ("n03", 2), ("n02", 3)]
+    for wnid, k in items:
+        (data / wnid).mkdir(parents=True, exist_ok=True)
+        img = data / wnid / f"ILSVRC2012_val_{k:08d}.JPEG"
+        if k == 3:
+            img.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+        else:
+            arr = np.random.default_rng(k).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(img, "JPEG")
+        (ann / f"ILSVRC2012_val_{k:08d}.xml").write_text(
+            f"<annotation><size><width>{size}</width><height>{size}</height><depth>3</depth></size><object>"
+            f"<name>{wnid}</name><bndbox><xmin>4</xmin><ymin>5</ymin><xmax>30</xmax><ymax>33</ymax></bndbox>"
+            "</object></annotation>")
+    return str(root)
+
+
+def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing(tiny, tmp_path):
+    from captum_vit.data import DatasetFileError, ImageNetVal
+
+    root = _imagenet_fixture(tmp_path / "imagenet")
+    strict = ImageNetVal(root, input_size=64)
+    with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000003.JPEG"):
+        evaluate(tiny, strict, "agcam,rollout", batch_size=2, progress=False)
+    lenient = ImageNetVal(root, input_size=64, on_error="skip")
+    r0 = evaluate(tiny, lenient, "agcam,rollout", batch_size=2, progress=False)
+    r2 = evaluate(tiny, ImageNetVal(root, input_size=64, on_error="skip"), "agcam,rollout", batch_size=2,
+                  workers=2, progress=False)
+    assert r0["n_skipped"] == r2["n_skipped"] == 1 and r0["n_images"] == r2["n_images"] == 3
+    close(r0, r2)
+    # the labels come from the sorted wnids: n01 -> 0, n02 -> 1, n03 -> 2
+    assert r0["fingerprint"]["dataset"]["class"] == "ImageNetVal"
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import make_timm
+from captum_vit.data import ShapesDataset
+from captum_vit.evaluate import evaluate
+
+if {dist}:
+    torch.distributed.init_process_group("gloo")
+ds = ShapesDataset("single", seed=2024, size=10, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+r = evaluate(make_timm("plain"), ds, "agcam,rollout,lrp", batch_size=3, store={store!r}, progress=False)
+if {dist}:
+    torch.distributed.destroy_process_group()
+json.dump({{"rank": r["world_size"], "methods": r["methods"], "n": r["n_images"], "computed": r["n_computed"]}},
+          open({out!r} + str(__import__("os").environ.get("RANK", "0")), "w"))
+"""
+
+
+def _run_script(tmp_path, name, dist, nproc):
+    import os
+    import subprocess
+    import sys
+
+    store, out = str(tmp_path / f"{name}.h5"), str(tmp_path / f"{name}.json")
+    script = tmp_path / f"{name}.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), dist=dist, store=store, out=out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(script)] if dist else [sys.executable, str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store, out
+
+
+def test_two_process_torchrun_equals_one_process(tmp_path):
+    """Under torchrun (gloo on CPU) each rank writes its shard and rank 0 merges: the same numbers."""
+    store1, out1 = _run_script(tmp_path, "single", dist=False, nproc=1)
+    store2, out2 = _run_script(tmp_path, "sharded", dist=True, nproc=2)
+    one = json.loads(open(out1 + "0").read())
+    for rank in (0, 1):  # every rank returns the merged summary
+        two = json.loads(open(out2 + str(rank)).read())
+        assert two["methods"] == one["methods"] and two["n"] == one["n"] == 10 and two["computed"] == 10
+    # shards: batches 0, 2 (images 0-2, 6-8) on rank 0, batches 1, 3 (3-5, 9) on rank 1
+    with h5py.File(store2 + ".rank0-of-2") as f0, h5py.File(store2 + ".rank1-of-2") as f1:
+        assert f0["agcam"]["index"][...].tolist() == [0, 1, 2, 6, 7, 8]
+        assert f1["agcam"]["index"][...].tolist() == [3, 4, 5, 9]
+    with load_store(store1) as a, load_store(store2) as b:
+        assert a.fingerprint == b.fingerprint
+        for m in ("agcam", "rollout", "lrp"):
+            ra, rb = a.read(m), b.read(m)
+            for c in ra:
+                np.testing.assert_array_equal(ra[c], rb[c], err_msg=f"{m}.{c}")
