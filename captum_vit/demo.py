@@ -165,7 +165,7 @@ def run_demo(
         ValueError: ``n`` or ``batch_size`` below 1, ``threshold`` outside [0, 1], ``seed`` a
             training seed, or a model in train mode.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from captum_vit.data import CLASSES, ShapesDataset, collate
 

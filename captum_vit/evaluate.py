@@ -542,7 +542,7 @@ def evaluate(
             :class:`StoreVersionError` or :class:`StoreCorruptError` for a store that cannot be
             resumed.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from captum_vit.demo import resolve_methods
 
