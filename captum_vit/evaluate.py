@@ -1,7 +1,7 @@
 r"""Evaluation runner: datasets in, attribution methods and metrics joined, per-image results stored.
 
 :func:`evaluate` runs the weakly-supervised localization protocol and the ABPC perturbation
-protocol of SPEC.md sections 3-4 (plus per-map diagnostics) for several methods over one dataset,
+protocol of the AGCAM paper (plus per-map diagnostics) for several methods over one dataset,
 in batches:
 
 - **localization** on the correctly classified images only, with the map for the predicted class
@@ -9,10 +9,13 @@ in batches:
 - **abpc** on *all* images, with the map for the ground-truth class: for the correctly classified
   images that is the same map, for the others a second ``attribute`` call with ``target=label``
   (:func:`captum_vit.metrics.abpc`);
-- **diagnostics** on the ground-truth-class map of every image: texture collapse, map entropy and
-  the map's mass outside the ground-truth boxes.
+- **diagnostics** on the ground-truth-class map of every image: texture collapse, map entropy, the
+  map's mass outside the ground-truth boxes and insensitivity (the Spearman correlation between the
+  map and the map of the same image with its most relevant 20% of patches removed, stored with the
+  drop in the ground-truth class's probability; one more ``attribute`` call per image).
 
-Per-image results go to a :class:`ResultStore` as they are computed. With a file path the store is
+Per-image results (and, unless ``keep_maps=False``, both maps of every image on the patch grid, for
+reports) go to a :class:`ResultStore` as they are computed. With a file path the store is
 an HDF5 file (h5py), because HDF5 gives chunked, appendable columns in one file: each batch is
 appended and flushed, so an interrupted run loses at most the batch in flight, and a run started
 again over the same file recomputes nothing already stored. Every column is written with HDF5's
@@ -21,7 +24,14 @@ The file also holds a fingerprint of what produced it (a hash of the model's wei
 checkpoint file, the methods, the metric options and the dataset with its preprocessing): a store
 written under another fingerprint is refused, naming what differs, because mixing its rows with
 new ones would average two different experiments. A file that cannot be opened, or whose columns
-disagree in length, is reported as corrupt and never read as results.
+disagree in length, is reported as corrupt and never read as results; a store of another format
+version is refused as written by another version of captum-vit.
+
+Under ``torchrun --nproc-per-node N`` the fixed batches are dealt round-robin over the ranks, each
+rank writes its own shard file and rank 0 merges them into the store. Each image is explained in the
+same batch as in a single-process run, so the merged rows equal a single process's; bit for bit when
+the processes use the same number of threads (torchrun sets ``OMP_NUM_THREADS=1``), otherwise to the
+float rounding of multi-threaded kernels (about 1e-7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Independent references for the baseline methods of SPEC.md section 2.
+"""Independent references for the baseline methods, written from their published definitions.
 
 Written straight from the published definitions and the authors' public code (read for facts,
 not copied), sharing no code with ``captum_vit``. Every function works ONE IMAGE AT A TIME, writes
@@ -20,7 +20,7 @@ activations, layer scales, patch embedding). Each returns ``[B, gh*gw]``: the [c
 Resolved ambiguities (see the docstrings for the details):
 
 * rollout: vit-explain writes ``a / a.sum(dim=-1)`` on a ``[1, N, N]`` tensor, which broadcasts
-  the sum of row j over column j; SPEC says "rows renormalised", so the reference divides each row
+  the sum of row j over column j; the published rule renormalises rows, so the reference divides each row
   by its own sum (identical for mean fusion without discard, whose rows already sum to 1).
   The discard zeroes the ``int(N*N*ratio)`` smallest fused entries except flat index 0 (the
   [class]->[class] entry), exactly as vit-explain (so one fewer is zeroed when index 0 is among

@@ -1,4 +1,4 @@
-"""The baseline methods (SPEC.md section 2) against the independent references of reference_methods.py.
+"""The baseline methods against the independent references of reference_methods.py.
 
 Every comparison is at 1e-5 relative to max |reference|, on batches of 3 with mixed targets.
 Transformer Attribution (Chefer's LRP) is compared in float64: its Add rule divides by sums that
@@ -117,8 +117,8 @@ def test_rollout_ignores_target():
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_rollout_defaults_are_spec_not_vit_explain():
-    # SPEC: mean fusion, discard 0 (vit-explain's own defaults are max / 0.9)
+def test_rollout_defaults_are_the_papers_not_vit_explain():
+    # the published rollout: mean fusion, discard 0 (vit-explain's own defaults are max / 0.9)
     model = _model("plain")
     x = input_for("plain", batch=3)
     _close(_flat(_api("AttentionRollout")(model).attribute(x), "plain"), ref.rollout(model, x))
