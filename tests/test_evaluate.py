@@ -340,3 +340,51 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
             ra, rb = a.read(m), b.read(m)
             for c in ra:
                 np.testing.assert_array_equal(ra[c], rb[c], err_msg=f"{m}.{c}")
+
+
+KILL_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_timm
+from captum_vit.data import ShapesDataset
+from captum_vit.evaluate import evaluate
+
+def stall(done, indices):
+    if done == 2:
+        open({marker!r}, "w").close()
+        time.sleep(600)  # killed here, two batches stored, the third never started
+
+ds = ShapesDataset("single", seed=2024, size=12, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+evaluate(make_timm("plain"), ds, "agcam,rollout", batch_size=4, store={store!r}, progress=False, on_batch=stall)
+"""
+
+
+def test_killed_process_resumes_from_its_store(tiny, tmp_path):
+    """SIGKILL after two flushed batches: the store opens cleanly and the rerun computes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store, marker = str(tmp_path / "r.h5"), str(tmp_path / "two_batches_stored")
+    script = tmp_path / "killed.py"
+    script.write_text(KILL_SCRIPT.format(tests=os.path.dirname(__file__), store=store, marker=marker))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(marker):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the evaluation never stored two batches"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    with load_store(store) as rs:
+        assert sorted(rs.done()) == list(range(8)) and not rs.attrs["complete"]
+    resumed = evaluate(tiny, shapes64(12), "agcam,rollout", batch_size=4, store=store, progress=False)
+    assert resumed["n_computed"] == 4 and resumed["n_images"] == 12
+    with load_store(store) as rs:
+        assert rs.attrs["complete"]
+    close(resumed, evaluate(tiny, shapes64(12), "agcam,rollout", batch_size=4, progress=False))
