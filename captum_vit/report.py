@@ -247,7 +247,8 @@ def _open_store(path: str) -> ResultStore:
 
 def _check_out(out: str) -> None:
     if os.path.isdir(out):
-        raise ReportError(f"--out {out!r} is a folder; give the .html file to write (e.g. {os.path.join(out, 'report.html')!r})")
+        example = os.path.join(out, "report.html")
+        raise ReportError(f"--out {out!r} is a folder; give the .html file to write (e.g. {example!r})")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ReportError(f"the folder of --out {out!r} does not exist; create {folder!r} first")
@@ -360,7 +361,7 @@ def build_report(
     from captum_vit import __version__
     from captum_vit.viz import colorize
 
-    jet = [("#%02x%02x%02x" % tuple(int(round(c * 255)) for c in rgb))
+    jet = ["#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb)
            for rgb in colorize(np.linspace(0, 1, 11)[None], _CMAP)[0]]
     dataset_name = run.get("dataset") or fp.get("dataset", {}).get("class", "dataset")
     model_name = run.get("model") or fp.get("model", "model").rsplit(".", 1)[-1]
@@ -425,8 +426,8 @@ def add_report_arguments(parser: Any, with_store: bool = True) -> Any:
 
 def run_report_from_args(a: Any, store: Optional[str] = None, out: Optional[str] = None) -> Dict[str, Any]:
     """Build the report from parsed arguments and print where it went."""
-    info = build_report(store or a.store, out or a.out, per_score=a.per_score, sample=a.sample, seed=a.seed,
-                        pairs=a.pairs)
+    info = build_report(store or a.store, out or a.out, per_score=getattr(a, "per_score", 3),
+                        sample=getattr(a, "sample", 24), seed=getattr(a, "seed", 0), pairs=getattr(a, "pairs", 0))
     state = "" if info["complete"] else f", INCOMPLETE run ({info['n_images']} of {info['n_total']} images)"
     print(f"wrote {info['path']} ({info['bytes'] / 2**20:.1f} MB): {info['n_images']} images scored, pictures for "
           f"{info['n_pictures']}" + (f", {info['n_pairs']} two-class images" if info["n_pairs"] else "") + state)
