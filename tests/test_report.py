@@ -97,6 +97,7 @@ def test_page_in_chromium_matches_the_store(report, browser):
     page = view.page
     assert view.rows() == first["index"].tolist()  # every image, in index order
     assert view.count() == N_IMAGES
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # no sideways scrolling at 1280 px
 
     for m in METHODS:  # sorting per method, ascending: the worst IoU first; descending: the best
         page.select_option("#sort-key", "iou")
@@ -187,6 +188,18 @@ def test_pictures_are_bounded_and_include_the_extremes(report, tmp_path):
     for m in METHODS:
         assert report["rows"][m]["index"][np.nanargmin(report["rows"][m]["iou"])] in info["pictures"]
     assert set(info["pictures"]) <= set(first["index"].tolist())
+
+
+def test_page_states_the_selection(report, browser, tmp_path):
+    out = str(tmp_path / "small.html")
+    info = build_report(report["dir"], out, per_score=1, sample=2)
+    view = _Page(browser, out)
+    assert f"Pictures for {info['n_pictures']} of {N_IMAGES} images" in view.page.inner_text("#selection")
+    assert len(view.rows()) == N_IMAGES
+    assert view.page.locator("#grid tbody tr.row .tile.none").count() == (N_IMAGES - info["n_pictures"]) * len(METHODS)
+    view.page.check("#filter-pics")
+    assert sorted(view.rows()) == info["pictures"]
+    view.check_clean()
 
 
 class _Stop(Exception):
