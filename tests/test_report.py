@@ -206,7 +206,7 @@ class _Stop(Exception):
     pass
 
 
-def test_interrupted_run_reports_what_it_holds(tmp_path, browser, capsys):
+def test_interrupted_run_reports_what_it_holds(tmp_path, capsys, request):
     def stop(b, _):
         if b == 2:
             raise _Stop
@@ -217,7 +217,9 @@ def test_interrupted_run_reports_what_it_holds(tmp_path, browser, capsys):
     assert main(["report", str(tmp_path), "--out", out]) == 0
     err = capsys.readouterr().err
     assert "incomplete: 16 of 40 images" in err
-    view = _Page(browser, out)
+    html = open(out, encoding="utf-8").read()
+    assert _data(html)["meta"]["complete"] is False and len(_data(html)["idx"]) == 16
+    view = _Page(request.getfixturevalue("browser"), out)  # the checks above run without a browser too
     assert view.page.is_visible("#incomplete")
     assert "incomplete: 16 of 40 images" in view.page.inner_text("#incomplete")
     assert view.count() == 16
