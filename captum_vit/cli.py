@@ -160,6 +160,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
                    checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit, threshold=a.threshold,
                    out=a.out, json_path=a.json, device=a.device, progress=not a.no_progress, workers=a.workers,
                    preprocess=a.preprocess, on_error=a.on_error, keep_maps=not a.no_maps)
+    if a.report and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the merged store
+        from captum_vit.report import run_report_from_args
+
+        run_report_from_args(a, store=a.out, out=os.path.join(a.out, "report.html"))
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from captum_vit.report import run_report_from_args
+
+    run_report_from_args(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: captum_vit_eval)")
     p.add_argument("--json", metavar="FILE", help="where to write the JSON (default: DIR/results.json)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--report", action="store_true", help="write DIR/report.html at the end (see `captum-vit report`)")
     p.set_defaults(func=_cmd_evaluate)
+
+    from captum_vit.report import add_report_arguments
+
+    p = sub.add_parser("report", help="an evaluation's results as one self-contained HTML page (sortable, filterable)")
+    add_report_arguments(p)
+    p.set_defaults(func=_cmd_report)
 
     from captum_vit.demo import add_demo_arguments
 

@@ -1,0 +1,434 @@
+r"""Evaluation report: one self-contained HTML page from a result store.
+
+:func:`build_report` reads the store that :func:`captum_vit.evaluate.evaluate` wrote and writes one
+HTML file that opens from the file system in any browser: no server, no network, no external
+scripts, styles or fonts; the pictures are WebP ``data:`` URIs and the page's data is one inline
+JSON object.
+
+The page holds the per-image scores of *every* image in the store (sortable and filterable in the
+browser) but pictures only for a bounded selection, so that a run of 50,000 images does not make a
+50,000-picture page: for every method and every score, the ``per_score`` images with the lowest and
+the ``per_score`` with the highest value, plus a seeded random sample of ``sample`` images. The
+pictures are rebuilt from the dataset the store's fingerprint describes (images are not stored);
+the maps come from the store (``map_pred``, and ``map_label`` where the prediction is wrong), drawn
+as the localization protocol sees them: upsampled bilinearly to the input size, min-max normalised,
+with the contour boxes of the map thresholded at the run's threshold.
+
+With ``pairs > 0`` (synthetic shapes stores only) the page gets a two-class section: images of the
+``"pairs"`` split, each explained by every method for each of its two classes, computed here with
+the model the store names (its weights are checked against the store's fingerprint).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import math
+import os
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from captum_vit.evaluate import METRIC_GROUPS, STORE_NAME, ResultStore, _summary, load_store
+
+__all__ = ["SCORES", "ReportError", "build_report", "select_pictures", "add_report_arguments", "run_report_from_args"]
+
+#: every per-image score the page can show: column -> (label, which end is better: "hi" or "lo")
+SCORES: Dict[str, Tuple[str, str]] = {
+    "iou": ("IoU", "hi"),
+    "dice": ("Dice", "hi"),
+    "pixel_accuracy": ("pixel acc", "hi"),
+    "precision": ("precision", "hi"),
+    "recall": ("recall", "hi"),
+    "auc_lerf": ("LeRF AUC", "hi"),
+    "auc_morf": ("MoRF AUC", "lo"),
+    "abpc": ("ABPC", "hi"),
+    "texture_collapse": ("texture collapse", "lo"),
+    "entropy": ("map entropy", "lo"),
+    "mass_outside": ("mass outside", "lo"),
+    "insensitivity": ("insensitivity", "lo"),
+    "prob_drop": ("prob. drop", "hi"),
+}
+# the evaluate summary's names where they differ from the per-image columns
+_SUMMARY_KEY = {"pixel_accuracy": "pixel_acc"}
+_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.html")
+_CMAP = "jet"  # the colour scale of captum_vit.viz
+_ALPHA = 0.5  # the overlay weight of captum_vit.viz.overlay
+
+
+class ReportError(ValueError):
+    """The report cannot be made from these inputs (the message names the problem and the fix)."""
+
+
+# -- selection --------------------------------------------------------------------------------
+def select_pictures(scores: Mapping[str, Mapping[str, np.ndarray]], n_images: int, per_score: int,
+                    sample: int, seed: int = 0) -> np.ndarray:
+    r"""Row positions (sorted) of the images that get pictures.
+
+    For every method and score column, the ``per_score`` rows with the lowest and the ``per_score``
+    with the highest finite value (ties broken by row order), plus ``sample`` rows drawn at random
+    with ``seed``. At most ``methods * scores * 2 * per_score + sample`` rows, whatever ``n_images``.
+    """
+    chosen = set()
+    for cols in scores.values():
+        for v in cols.values():
+            finite = np.flatnonzero(np.isfinite(v))
+            if per_score > 0 and len(finite):
+                order = finite[np.argsort(v[finite], kind="stable")]
+                chosen.update(order[:per_score].tolist())
+                chosen.update(order[-per_score:].tolist())
+    if sample > 0 and n_images:
+        rng = np.random.default_rng(seed)
+        chosen.update(rng.choice(n_images, size=min(sample, n_images), replace=False).tolist())
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+# -- pictures ---------------------------------------------------------------------------------
+def _webp(rgb: np.ndarray, quality: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="WEBP", quality=quality, method=4)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _heat(grid_map: np.ndarray, size: Tuple[int, int], threshold: float) -> Tuple[str, List[List[int]]]:
+    """The map as the protocol sees it (upsampled, min-max), coloured; and its contour boxes."""
+    from captum_vit.metrics import contour_boxes, minmax_normalize, upsample
+    from captum_vit.viz import colorize
+
+    m = torch.from_numpy(np.nan_to_num(np.asarray(grid_map, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0))
+    m01 = minmax_normalize(upsample(m[None, None], size))[0, 0]
+    boxes = contour_boxes(m01 > threshold).tolist()
+    rgb = np.clip(np.rint(colorize(m01.numpy(), _CMAP) * 255.0), 0, 255).astype(np.uint8)
+    return _webp(rgb, 70), boxes
+
+
+def _denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x.float() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+class _Images:
+    """The store's images, rebuilt from the dataset its fingerprint describes."""
+
+    def __init__(self, fingerprint: Mapping[str, Any], run: Mapping[str, Any]) -> None:
+        from captum_vit.data import ShapesDataset
+        from captum_vit.evaluate import build_dataset, describe_dataset
+
+        desc = dict(fingerprint.get("dataset", {}))
+        self.desc = desc
+        if desc.get("class") == "ShapesDataset":
+            ds = ShapesDataset(desc["split"], seed=desc["seed"], size=desc["length"], image_size=desc["image_size"],
+                               mean=desc["mean"], std=desc["std"])
+        else:
+            if not run.get("dataset") or not run.get("root"):
+                raise ReportError("the store does not name the dataset's folder (it was written through the Python "
+                                  "API without run information)")
+            cfg = {"mean": desc.get("mean"), "std": desc.get("std"), "input_size": (3, desc["input_size"],
+                                                                                    desc["input_size"]),
+                   "crop_pct": desc.get("crop_pct") or 0.875, "interpolation": desc.get("interpolation", "bicubic")}
+            ds = build_dataset(run["dataset"], run["root"], cfg, transform=desc.get("transform", "squash"),
+                               on_error=desc.get("on_error", "raise"))
+        now = json.loads(json.dumps(describe_dataset(ds), sort_keys=True))
+        if now != json.loads(json.dumps(desc, sort_keys=True)):
+            differ = sorted(k for k in set(now) | set(desc) if now.get(k) != desc.get(k))
+            raise ReportError(f"the dataset found now differs from the one the run used (in {', '.join(differ)})")
+        self.ds = ds
+        self.classes = list(getattr(ds, "classes", []) or [])
+
+    def get(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(image uint8 [H, W, 3] as the model saw it, ground-truth boxes [k, 4])``."""
+        from captum_vit.data import ShapesDataset
+
+        if isinstance(self.ds, ShapesDataset):
+            r = self.ds.raw(int(index))
+            return r["image_uint8"], np.asarray(r["boxes"]).reshape(-1, 4)
+        s = self.ds[int(index)]
+        if s is None:
+            raise ReportError(f"image {index} of the dataset cannot be read now")
+        return _denormalise(s["image"], self.desc["mean"], self.desc["std"]), np.asarray(s["boxes"]).reshape(-1, 4)
+
+
+# -- the two-class section ---------------------------------------------------------------------
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequence[str], n: int,
+           threshold: float, model: Optional[torch.nn.Module]) -> List[Dict[str, Any]]:
+    from captum_vit.data import ShapesDataset
+    from captum_vit.evaluate import weights_fingerprint
+
+    desc = fingerprint.get("dataset", {})
+    if desc.get("class") != "ShapesDataset":
+        raise ReportError("--pairs needs a store of the synthetic shapes benchmark (its two-class split has the same "
+                          f"classes); this store's dataset is {desc.get('class')!r}: drop --pairs")
+    if model is None:
+        from captum_vit.models import load_model
+
+        if not run.get("model"):
+            raise ReportError("--pairs needs the model that wrote the store, and the store does not name it (written "
+                              "through the Python API); drop --pairs")
+        model, _, _ = load_model(run["model"], checkpoint=run.get("checkpoint"))
+    if weights_fingerprint(model) != fingerprint.get("weights_sha256"):
+        raise ReportError("--pairs: the model named in the store no longer has the weights that wrote it (checkpoint "
+                          f"{run.get('checkpoint')!r} changed?); drop --pairs or restore the checkpoint")
+    ds = ShapesDataset("pairs", seed=desc["seed"], size=int(n), image_size=desc["image_size"], mean=desc["mean"],
+                       std=desc["std"])
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    labels = torch.tensor([list(ds[i]["label"]) for i in range(len(ds))])  # [n, 2] sorted class pairs
+    with torch.no_grad():
+        probs = model(x).float().softmax(-1)
+    size = tuple(x.shape[-2:])
+    rows: List[Dict[str, Any]] = []
+    for i in range(len(ds)):
+        r = ds.raw(i)
+        gt = [np.asarray(r["boxes"])[np.asarray(r["instance_labels"]) == int(c)].tolist() for c in labels[i]]
+        rows.append({"img": _webp(r["image_uint8"], 85), "hw": list(size), "classes": labels[i].tolist(),
+                     "prob": [round(float(probs[i, c]), 4) for c in labels[i]], "pred": int(probs[i].argmax()),
+                     "prob_pred": round(float(probs[i].max()), 4), "gt": gt, "m": {}})
+    for name in methods:
+        explainer = _import_class(fingerprint["methods"][name])(model)
+        maps = [explainer.attribute(x, target=labels[:, k]).detach().float().cpu() for k in range(2)]
+        for i, row in enumerate(rows):
+            row["m"][name] = []
+            for k in range(2):
+                heat, boxes = _heat(maps[k][i, 0].numpy(), size, threshold)
+                row["m"][name].append({"heat": heat, "boxes": boxes})
+    return rows
+
+
+# -- the page ---------------------------------------------------------------------------------
+def _column_json(v: np.ndarray, digits: int = 4) -> str:
+    return "[" + ",".join("null" if not math.isfinite(x) else repr(round(x, digits)) for x in v.tolist()) + "]"
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, np.floating):
+        return _plain(float(v))
+    return v
+
+
+def _method_order(methods: Sequence[str]) -> List[str]:
+    """The store keeps methods sorted by name; show them in the registry's order (the evaluate table's)."""
+    from captum_vit.attr import METHODS
+
+    known = list(METHODS)
+    return sorted(methods, key=lambda m: (known.index(m) if m in known else len(known), m))
+
+
+def _open_store(path: str) -> ResultStore:
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, STORE_NAME)):
+        raise FileNotFoundError(f"no result store in folder {path!r} (expected {STORE_NAME} there): give the --out "
+                                "folder of a `captum-vit evaluate` run, or run the evaluation first")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no result store at {path!r}: give the --out folder of a `captum-vit evaluate` run "
+                                f"(or its {STORE_NAME}), or run the evaluation first")
+    return load_store(path)
+
+
+def _check_out(out: str) -> None:
+    if os.path.isdir(out):
+        example = os.path.join(out, "report.html")
+        raise ReportError(f"--out {out!r} is a folder; give the .html file to write (e.g. {example!r})")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ReportError(f"the folder of --out {out!r} does not exist; create {folder!r} first")
+
+
+def build_report(
+    store: str,
+    out: str,
+    per_score: int = 3,
+    sample: int = 24,
+    seed: int = 0,
+    pairs: int = 0,
+    model: Optional[torch.nn.Module] = None,
+    title: Optional[str] = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    r"""Write the HTML report of a result store; returns facts about it.
+
+    Args:
+        store (str): the store file, or the folder holding ``results.h5``.
+        out (str): the HTML file to write (its folder must exist).
+        per_score (int, optional): pictures for the lowest and highest ``per_score`` images of each
+            score and method. Default: 3
+        sample (int, optional): plus this many images drawn at random (``seed``). Default: 24
+        seed (int, optional): seed of the random sample. Default: 0
+        pairs (int, optional): images of the shapes ``"pairs"`` split explained for each of their
+            two classes (shapes stores only; needs the model). Default: 0
+        model (nn.Module, optional): the model for ``pairs``; default: the one the store names.
+        title (str, optional): the page title.
+        warn (callable, optional): called with a message when the run is incomplete or the
+            pictures cannot be made. Default: print to stderr.
+
+    Returns:
+        dict: ``path``, ``bytes``, ``n_images`` (rows in the store), ``n_total`` (images the run was
+        asked for), ``complete``, ``n_pictures``, ``pictures`` (dataset indices with pictures),
+        ``n_pairs``, ``notes``.
+
+    Raises:
+        FileNotFoundError: no store there.
+        StoreVersionError, StoreCorruptError: from :func:`captum_vit.evaluate.load_store`.
+        ReportError: bad options (e.g. ``out`` is a folder).
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    if int(per_score) < 0 or int(sample) < 0 or int(pairs) < 0:
+        raise ReportError("--per-score, --sample and --pairs must be 0 or more")
+    _check_out(out)
+    notes: List[str] = []
+    with _open_store(store) as rs:
+        fp, attrs = rs.fingerprint, dict(rs.attrs)
+        methods = _method_order(rs.methods)
+        run = json.loads(attrs.get("run", "{}") or "{}")
+        groups = list(fp.get("metrics", []))
+        summary = _summary(rs, groups)
+        rows = {m: rs.read(m, maps=False) for m in methods}
+        index = rows[methods[0]]["index"]
+        for m in methods[1:]:
+            index = np.intersect1d(index, rows[m]["index"])
+        keep = {m: np.isin(rows[m]["index"], index) for m in methods}
+        rows = {m: {c: v[keep[m]] for c, v in r.items()} for m, r in rows.items()}
+        score_cols = [c for c in SCORES if c in rows[methods[0]]]
+        scores = {m: {c: rows[m][c] for c in score_cols} for m in methods}
+        picks = select_pictures(scores, len(index), int(per_score), int(sample), int(seed))
+        has_maps = bool(rs.maps)
+        maps: Dict[str, Dict[str, np.ndarray]] = {}
+        if has_maps and len(picks):
+            f = rs._file  # the map columns of the picked rows only: a large store is never read whole
+            for m in methods:
+                pos = np.flatnonzero(keep[m])
+                order = np.argsort(f[m]["index"][...], kind="stable")
+                stored_rows = np.sort(order[pos[picks]])
+                back = np.argsort(np.argsort(order[pos[picks]]))
+                maps[m] = {c: f[m][c][stored_rows][back] for c in ("map_pred", "map_label")}
+    first = rows[methods[0]]
+    n_images = int(len(index))
+    n_total = int(attrs.get("n_total", n_images))
+    complete = bool(attrs.get("complete", False)) and n_images >= n_total
+    if not complete:
+        warn(f"the run is incomplete: {n_images} of {n_total} images in the store; the report shows what it holds")
+    threshold = float(fp.get("threshold", 0.5))
+
+    classes: List[str] = []
+    pics: Dict[str, Any] = {}
+    try:
+        images = _Images(fp, run)
+        classes = images.classes
+    except (ReportError, FileNotFoundError, OSError, ValueError, KeyError) as e:
+        images = None
+        notes.append(f"No pictures: the images could not be rebuilt ({e}); the scores are all here.")
+        warn(notes[-1])
+    if images is not None:
+        for k, p in enumerate(picks.tolist()):
+            img, gt = images.get(int(index[p]))
+            size = tuple(img.shape[:2])
+            entry: Dict[str, Any] = {"img": _webp(img, 85), "hw": list(size), "gt": gt.tolist(), "m": {}}
+            wrong = int(first["label"][p]) != int(first["pred"][p])
+            for m in methods:
+                if not has_maps:
+                    continue
+                heat, boxes = _heat(maps[m]["map_pred"][k].astype(np.float32), size, threshold)
+                cell = {"heat": heat, "boxes": boxes}
+                if wrong:
+                    heat, boxes = _heat(maps[m]["map_label"][k].astype(np.float32), size, threshold)
+                    cell.update(heat_label=heat, boxes_label=boxes)
+                entry["m"][m] = cell
+            pics[str(int(index[p]))] = entry
+        if not has_maps:
+            notes.append("The run kept no maps (--no-maps): the pictures show the images and their boxes only.")
+    pair_rows = _pairs(fp, run, methods, int(pairs), threshold, model) if pairs else []
+
+    from captum_vit import __version__
+    from captum_vit.viz import colorize
+
+    jet = ["#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb)
+           for rgb in colorize(np.linspace(0, 1, 11)[None], _CMAP)[0]]
+    dataset_name = run.get("dataset") or fp.get("dataset", {}).get("class", "dataset")
+    model_name = run.get("model") or fp.get("model", "model").rsplit(".", 1)[-1]
+    title = title or f"captum-vit report: {dataset_name}, {model_name}"
+    meta = {
+        "title": title, "methods": methods, "classes": classes, "n_images": n_images, "n_total": n_total,
+        "complete": complete, "threshold": threshold, "alpha": _ALPHA, "jet": jet,
+        "scores": [{"key": c, "label": SCORES[c][0], "better": SCORES[c][1],
+                    "group": next((g for g, cs in METRIC_GROUPS.items() if c in cs), "")} for c in score_cols],
+        "per_score": int(per_score), "sample": int(sample), "seed": int(seed), "n_pictures": len(pics),
+        "has_maps": has_maps, "notes": notes, "version": __version__,
+        "store_version": attrs.get("captum_vit_version", "unknown"), "run": run,
+        "dataset": fp.get("dataset", {}), "summary_keys": {c: _SUMMARY_KEY.get(c, c) for c in score_cols},
+        "accuracy": float((first["label"] == first["pred"]).mean()) if n_images else None,
+    }
+    parts = [
+        '{"meta":', json.dumps(_plain(meta), allow_nan=False),
+        ',"summary":', json.dumps(_plain(summary), allow_nan=False),
+        ',"idx":', _column_json(index.astype(np.float64), 0).replace(".0", ""),
+        ',"y":', json.dumps(first["label"].tolist()),
+        ',"p":', json.dumps(first["pred"].tolist()),
+        ',"pp":', _column_json(first["prob_pred"]),
+        ',"pl":', _column_json(first["prob_label"]),
+        ',"scores":{',
+        ",".join(json.dumps(m) + ":{" + ",".join(json.dumps(c) + ":" + _column_json(v) for c, v in cols.items()) + "}"
+                 for m, cols in scores.items()),
+        '},"pics":', json.dumps(pics),
+        ',"pairs":', json.dumps(_plain(pair_rows)), "}",
+    ]
+    data = "".join(parts).replace("</", "<\\/")  # nothing in the JSON can close the inline script
+    with open(_TEMPLATE, encoding="utf-8") as f:
+        page = f.read()
+    import html as _html
+
+    page = page.replace("__TITLE__", _html.escape(title)).replace("/*__DATA__*/null", data)
+    tmp = out + ".part"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(tmp, out)
+    return {"path": out, "bytes": os.path.getsize(out), "n_images": n_images, "n_total": n_total,
+            "complete": complete, "n_pictures": len(pics), "pictures": sorted(int(k) for k in pics),
+            "n_pairs": len(pair_rows), "notes": notes}
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_report_arguments(parser: Any, with_store: bool = True) -> Any:
+    """Add the report's options to an argparse parser (``STORE`` and ``--out`` when ``with_store``)."""
+    if with_store:
+        parser.add_argument("store", metavar="STORE", help=f"an evaluation's --out folder (or its {STORE_NAME})")
+        parser.add_argument("--out", default="report.html", metavar="FILE.html",
+                            help="the HTML file to write (default: report.html)")
+    parser.add_argument("--per-score", type=int, default=3, metavar="N",
+                        help="pictures for the N lowest and N highest images of every score and method (default 3)")
+    parser.add_argument("--sample", type=int, default=24, metavar="K",
+                        help="plus K images drawn at random for pictures (default 24)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="shapes stores: add N images of the two-class split, each method's map for each of "
+                             "the two classes, computed with the store's model (default 0)")
+    return parser
+
+
+def run_report_from_args(a: Any, store: Optional[str] = None, out: Optional[str] = None) -> Dict[str, Any]:
+    """Build the report from parsed arguments and print where it went."""
+    info = build_report(store or a.store, out or a.out, per_score=getattr(a, "per_score", 3),
+                        sample=getattr(a, "sample", 24), seed=getattr(a, "seed", 0), pairs=getattr(a, "pairs", 0))
+    state = "" if info["complete"] else f", INCOMPLETE run ({info['n_images']} of {info['n_total']} images)"
+    print(f"wrote {info['path']} ({info['bytes'] / 2**20:.1f} MB): {info['n_images']} images scored, pictures for "
+          f"{info['n_pictures']}" + (f", {info['n_pairs']} two-class images" if info["n_pairs"] else "") + state)
+    return info
