@@ -236,7 +236,10 @@ class ResultStore:
     def _adopt(self, f) -> None:
         """Read mode: take the methods, columns and fingerprint from the file."""
         self.fingerprint = self._stored_fingerprint(f)
-        self.methods = list(self.fingerprint.get("methods", {}))
+        # the fingerprint is stored with sorted keys; the run's own order of methods is an attribute
+        order = json.loads(f.attrs["methods"]) if "methods" in f.attrs else []
+        self.methods = list(order) if sorted(order) == sorted(self.fingerprint.get("methods", {})) \
+            else sorted(self.fingerprint.get("methods", {}))
         if not self.methods or any(m not in f for m in self.methods):
             raise StoreCorruptError(f"result store {self.path!r} lacks the groups of its methods {self.methods}; "
                                     "it is damaged")
@@ -618,7 +621,7 @@ def evaluate(
     with own_store as rs:
         done |= rs.done()
         rs.set_attrs(n_total=n_total, complete=False, captum_vit_version=_version(),
-                     run=json.dumps(dict(run_info or {}), sort_keys=True))
+                     run=json.dumps(dict(run_info or {}), sort_keys=True), methods=json.dumps(list(classes)))
         batches = [[i for i in c if i not in done] for c in _batches(n_total, int(batch_size), rank, world_size)]
         batches = [c for c in batches if c]
         # a resumed run skips what is stored; batches interrupted half-way resume as the remainder
@@ -655,7 +658,7 @@ def evaluate(
                 _merge_shards(rs, [shard_path(store, r, world_size) for r in range(world_size)], fingerprint)
             n_stored = len(rs.done())
             rs.set_attrs(n_total=n_total, complete=n_stored >= n_total, captum_vit_version=_version(),
-                         run=json.dumps(dict(run_info or {}), sort_keys=True))
+                         run=json.dumps(dict(run_info or {}), sort_keys=True), methods=json.dumps(list(classes)))
             first = rs.read(next(iter(classes)), maps=False)
             summary = (_summary(rs, groups), first["label"], first["pred"])
     if world_size > 1:  # one process writes and reads the merged store; the others get its summary

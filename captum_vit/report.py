@@ -227,14 +227,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _method_order(methods: Sequence[str]) -> List[str]:
-    """The store keeps methods sorted by name; show them in the registry's order (the evaluate table's)."""
-    from captum_vit.attr import METHODS
-
-    known = list(METHODS)
-    return sorted(methods, key=lambda m: (known.index(m) if m in known else len(known), m))
-
-
 def _open_store(path: str) -> ResultStore:
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, STORE_NAME)):
         raise FileNotFoundError(f"no result store in folder {path!r} (expected {STORE_NAME} there): give the --out "
@@ -298,7 +290,7 @@ def build_report(
     notes: List[str] = []
     with _open_store(store) as rs:
         fp, attrs = rs.fingerprint, dict(rs.attrs)
-        methods = _method_order(rs.methods)
+        methods = list(rs.methods)  # the run's order, as in its evaluate table
         run = json.loads(attrs.get("run", "{}") or "{}")
         groups = list(fp.get("metrics", []))
         summary = _summary(rs, groups)

@@ -388,3 +388,33 @@ def test_killed_process_resumes_from_its_store(tiny, tmp_path):
     with load_store(store) as rs:
         assert rs.attrs["complete"]
     close(resumed, evaluate(tiny, shapes64(12), "agcam,rollout", batch_size=4, progress=False))
+
+
+def test_committed_benchmark_results_come_from_this_code():
+    """benchmarks/results/shapes_eval: its table is its store's summary, and its first batch recomputes equal."""
+    import os
+
+    from captum_vit.evaluate import _summary, build_dataset, format_markdown
+    from captum_vit.models import load_model
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "shapes_eval")
+    committed = json.loads(open(os.path.join(folder, "results.json")).read())
+    with load_store(folder) as rs:
+        assert rs.attrs["complete"] and len(rs.done()) == 300
+        assert rs.methods == ["agcam", "rollout", "lrp", "gae", "cdam", "raw"]
+        summary = _summary(rs, committed["metrics"])
+        stored = rs.read("agcam")
+    table = open(os.path.join(folder, "table.md")).read()
+    assert format_markdown({"methods": summary}, "shapes (300 images, shapes_vit)") + "\n" == table
+    for m, s in summary.items():
+        for k, v in s.items():
+            assert committed["methods"][m][k] == (None if np.isnan(v) else v), (m, k)
+    model, cfg, _ = load_model("shapes_vit")
+    fresh = evaluate(model, build_dataset("shapes", None, cfg), "agcam", limit=16, progress=False)
+    assert fresh["fingerprint"]["dataset"] == committed["fingerprint"]["dataset"]
+    assert fresh["fingerprint"]["weights_sha256"] == committed["fingerprint"]["weights_sha256"]
+    for k in ("iou", "abpc", "texture_collapse", "insensitivity"):
+        got = fresh["methods"]["agcam"][k]
+        rows, correct = stored[k][:16], stored["label"][:16] == stored["pred"][:16]
+        want = float(rows[correct].mean()) if k == "iou" else float(rows.mean())
+        assert np.isclose(got, want, rtol=0, atol=1e-6), (k, got, want)
