@@ -1,11 +1,11 @@
 """Evaluation throughput: images per second of the localization and the ABPC protocols.
 
 Each protocol runs alone (``captum_vit.evaluate.evaluate`` with one metric group, in memory, no
-maps kept) per method, on images generated beforehand, so that the figure is the evaluation's
-and not the synthetic images' generation. Every image's label is set to the model's own
-prediction, so that every image is "correctly classified" and gets the localization protocol's
-full work: the figure is a lower bound on the throughput of a real run, where misclassified
-images skip localization. Random-init weights are fine for speed.
+maps kept; the median of ``--repeats`` runs) per method, on images generated beforehand, so
+that the figure is the evaluation's and not the synthetic images' generation. Every image's
+label is set to the model's own prediction, so that every image is "correctly classified" and
+gets the localization protocol's full work: the figure is a lower bound on the throughput of a
+real run, where misclassified images skip localization. Random-init weights are fine for speed.
 
 The projection for ImageNet val is 50,000 images / (images per second).
 
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -50,17 +51,20 @@ class Pregenerated(ShapesDataset):
         return self.items[index]
 
 
-def measure(model, data, method, group, batch_size, abpc_batch_size, device):
+def measure(model, data, method, group, batch_size, abpc_batch_size, device, repeats):
     kw = dict(metrics=(group,), batch_size=batch_size, progress=False, keep_maps=False,
               abpc_batch_size=abpc_batch_size)
     evaluate(model, data, method, limit=batch_size, **kw)  # warm-up: first-call allocations
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    r = evaluate(model, data, method, **kw)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return r["n_images"] / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = evaluate(model, data, method, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rates.append(r["n_images"] / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def main():
@@ -71,6 +75,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--abpc-batch-size", type=int, default=64, help="perturbed copies per forward")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     ap.add_argument("--out", help="write the markdown table here and a .json beside it")
     a = ap.parse_args()
     ns = a.n if len(a.n) == len(a.models) else [a.n[0]] * len(a.models)
@@ -80,12 +85,13 @@ def main():
         data = Pregenerated(model, cfg, n, a.batch_size, a.device)
         for method in a.methods.split(","):
             for group in ("localization", "abpc"):
-                ips = measure(model, data, method, group, a.batch_size, a.abpc_batch_size, a.device)
+                ips = measure(model, data, method, group, a.batch_size, a.abpc_batch_size, a.device, a.repeats)
                 rows.append({"model": name, "method": method, "protocol": group, "n": n, "images_per_s": ips,
                              "imagenet_val_min": IMAGENET_VAL / ips / 60})
                 print(f"{name} {method} {group}: {ips:.2f} img/s", file=sys.stderr, flush=True)
     head = (f"Evaluation throughput on {a.device} ({platform.machine()}, {torch.get_num_threads()} threads, fp32, "
-            f"torch {torch.__version__}); batch {a.batch_size}, ABPC {a.abpc_batch_size} perturbed copies per "
+            f"torch {torch.__version__}); median of {a.repeats} runs; batch {a.batch_size}, ABPC {a.abpc_batch_size} "
+            "perturbed copies per "
             "forward; every image labelled with the model's prediction (full localization work).")
     lines = [head, "", "| model | method | protocol | images | images/s | 50,000 images (min) |",
              "|---|---|---|---|---|---|"]
