@@ -698,7 +698,8 @@ def _merge_shards(merged: ResultStore, shards: Sequence[str], fingerprint: Mappi
             for m in merged.methods:
                 rows = shard.read(m)
                 new = ~np.isin(rows["index"], list(have))
-                parts[m].append({c: v[new] for c, v in rows.items()})
+                if new.any():  # a rank dealt no batch has no rows (and no map columns yet)
+                    parts[m].append({c: v[new] for c, v in rows.items()})
     rows = {m: {c: np.concatenate([p[c] for p in ps]) for c in ps[0]} for m, ps in parts.items() if ps}
     if rows:
         for m, cols in rows.items():

@@ -298,7 +298,7 @@ from captum_vit.evaluate import evaluate
 if {dist}:
     torch.distributed.init_process_group("gloo")
 ds = ShapesDataset("single", seed=2024, size=10, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
-r = evaluate(make_timm("plain"), ds, "agcam,rollout,lrp", batch_size=3, store={store!r}, progress=False)
+r = evaluate(make_timm("plain"), ds, "agcam,rollout,lrp", batch_size={batch}, store={store!r}, progress=False)
 if {dist}:
     torch.distributed.destroy_process_group()
 json.dump({{"rank": r["world_size"], "methods": r["methods"], "n": r["n_images"], "computed": r["n_computed"]}},
@@ -306,14 +306,15 @@ json.dump({{"rank": r["world_size"], "methods": r["methods"], "n": r["n_images"]
 """
 
 
-def _run_script(tmp_path, name, dist, nproc):
+def _run_script(tmp_path, name, dist, nproc, batch=3):
     import os
     import subprocess
     import sys
 
     store, out = str(tmp_path / f"{name}.h5"), str(tmp_path / f"{name}.json")
     script = tmp_path / f"{name}.py"
-    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), dist=dist, store=store, out=out))
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), dist=dist, store=store, out=out,
+                                             batch=batch))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(script)] if dist else [sys.executable, str(script)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -336,6 +337,18 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
         assert f1["agcam"]["index"][...].tolist() == [3, 4, 5, 9]
     with load_store(store1) as a, load_store(store2) as b:
         assert a.fingerprint == b.fingerprint
+        for m in ("agcam", "rollout", "lrp"):
+            ra, rb = a.read(m), b.read(m)
+            for c in ra:
+                np.testing.assert_array_equal(ra[c], rb[c], err_msg=f"{m}.{c}")
+
+
+def test_torchrun_with_a_rank_dealt_no_batch(tmp_path):
+    """10 images in one batch of 16: rank 1 has nothing to do, and the merge still equals one process."""
+    store1, out1 = _run_script(tmp_path, "single", dist=False, nproc=1, batch=16)
+    store2, out2 = _run_script(tmp_path, "sharded", dist=True, nproc=2, batch=16)
+    assert json.loads(open(out2 + "1").read())["methods"] == json.loads(open(out1 + "0").read())["methods"]
+    with load_store(store1) as a, load_store(store2) as b:
         for m in ("agcam", "rollout", "lrp"):
             ra, rb = a.read(m), b.read(m)
             for c in ra:
