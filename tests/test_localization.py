@@ -88,6 +88,16 @@ def test_contour_boxes_hand_example():
     assert contour_boxes(torch.zeros(5, 5, dtype=torch.bool)).shape == (0, 4)
 
 
+def test_a_ring_gives_one_external_box():
+    # a hollow square: its hole has a contour of its own, but only external contours give boxes
+    m = torch.zeros(12, 12, dtype=torch.bool)
+    m[2:9, 3:10] = True
+    m[4:7, 5:8] = False
+    assert contour_boxes(m).tolist() == [[3, 2, 10, 9]]
+    # and the constant map (min-max gives zeros): nothing above the threshold, no box
+    assert contour_boxes(torch.zeros(12, 12, dtype=torch.bool)).tolist() == []
+
+
 def test_contour_box_mask_is_one_pixel_larger_than_the_blob():
     m = torch.zeros(10, 10, dtype=torch.bool)
     m[2:5, 3:7] = True  # rows 2..4, cols 3..6: 12 px
