@@ -156,11 +156,12 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from captum_vit.evaluate import run_evaluation
 
-    run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
-                   checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit, threshold=a.threshold,
-                   out=a.out, json_path=a.json, device=a.device, progress=not a.no_progress, workers=a.workers,
-                   preprocess=a.preprocess, on_error=a.on_error, keep_maps=not a.no_maps)
-    if a.report and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the merged store
+    result = run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
+                            checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit,
+                            threshold=a.threshold, out=a.out, json_path=a.json, device=a.device,
+                            progress=not a.no_progress, workers=a.workers, preprocess=a.preprocess,
+                            on_error=a.on_error, keep_maps=not a.no_maps)
+    if a.report and result["rank"] == 0:  # under torchrun, rank 0 holds the merged store
         from captum_vit.report import run_report_from_args
 
         run_report_from_args(a, store=a.out, out=os.path.join(a.out, "report.html"))

@@ -101,12 +101,15 @@ def format_table(scores: Dict[str, Any]) -> str:
 
 
 def _json_safe(obj):
-    if isinstance(obj, float) and math.isnan(obj):
+    """``obj`` with NaN and infinities as ``None`` and numpy scalars as Python ones, for strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
+    if hasattr(obj, "dtype") and hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
+        return _json_safe(obj.item())
     return obj
 
 

@@ -287,12 +287,6 @@ class ResultStore:
                 self._file.attrs[k] = v
             self._file.flush()
 
-    def reopen(self) -> ResultStore:
-        """This store, its file opened again after :meth:`close` (an in-memory store keeps its rows)."""
-        if self.path is not None and self._file is None:
-            self._open(self.path, "a")
-        return self
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -369,7 +363,13 @@ def load_store(path: str) -> ResultStore:
         StoreCorruptError: truncated, damaged or not a result store.
     """
     if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, STORE_NAME)):
+            raise FileNotFoundError(f"no result store in folder {path!r} (expected {STORE_NAME} there): give the "
+                                    "--out folder of a `captum-vit evaluate` run, or run the evaluation first")
         path = os.path.join(path, STORE_NAME)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"no result store at {path!r}: give the --out folder of a `captum-vit evaluate` run "
+                                f"(or its {STORE_NAME}), or run the evaluation first")
     return ResultStore(path, {}, [], [], mode="r")
 
 
@@ -548,7 +548,7 @@ def evaluate(
         n_images_abpc, auc_lerf, auc_morf, abpc, texture_collapse, entropy, mass_outside,
         insensitivity, prob_drop, n_images_total}}, "n_images", "n_correct", "accuracy",
         "metrics", "threshold", "dataset", "fingerprint", "store", "n_computed", "n_skipped",
-        "world_size", "runtime_s", "images_per_s"}``.
+        "world_size", "rank", "runtime_s", "images_per_s"}``.
 
     Raises:
         ValueError: bad options or a model in train mode; :class:`StoreMismatchError`,
@@ -609,6 +609,15 @@ def evaluate(
     def open_store(path: Optional[str]) -> ResultStore:
         return ResultStore(path, fingerprint, list(classes), columns, keep_maps=keep_maps)
 
+    run_attrs = dict(n_total=n_total, captum_vit_version=_version(), methods=json.dumps(list(classes)),
+                     run=json.dumps(dict(run_info or {}), sort_keys=True))
+
+    def finish(rs: ResultStore) -> Tuple[Dict[str, Dict[str, Any]], np.ndarray, np.ndarray]:
+        """Mark the store complete (or not); the summary, labels and predictions of its rows."""
+        rs.set_attrs(complete=len(rs.done()) >= n_total, **run_attrs)
+        first = rs.read(next(iter(classes)), maps=False)
+        return _summary(rs, groups), first["label"], first["pred"]
+
     done: set = set()
     if world_size > 1 and os.path.exists(store):  # images an earlier run already merged
         with ResultStore(store, fingerprint, list(classes), columns, keep_maps=keep_maps, mode="r") as merged:
@@ -616,18 +625,17 @@ def evaluate(
     if world_size > 1:
         torch.distributed.barrier()  # nobody writes the merged store while another rank reads it
     own = shard_path(store, rank, world_size) if world_size > 1 else store
+    mine = _batches(n_total, int(batch_size), rank, world_size)
     n_computed = n_skipped = 0
-    own_store = open_store(own)
-    with own_store as rs:
+    summary: Any = None
+    with open_store(own) as rs:
         done |= rs.done()
-        rs.set_attrs(n_total=n_total, complete=False, captum_vit_version=_version(),
-                     run=json.dumps(dict(run_info or {}), sort_keys=True), methods=json.dumps(list(classes)))
-        batches = [[i for i in c if i not in done] for c in _batches(n_total, int(batch_size), rank, world_size)]
-        batches = [c for c in batches if c]
+        rs.set_attrs(complete=False, **run_attrs)
         # a resumed run skips what is stored; batches interrupted half-way resume as the remainder
+        batches = [c for c in ([i for i in c if i not in done] for c in mine) if c]
         loader = torch.utils.data.DataLoader(_Batches(dataset, batches), batch_size=None, shuffle=False,
                                              num_workers=int(workers))
-        share = sum(len(c) for c in _batches(n_total, int(batch_size), rank, world_size))
+        share = sum(len(c) for c in mine)
         bar = tqdm(total=share, initial=share - sum(len(c) for c in batches), unit="img",
                    desc="captum-vit evaluate" + (f" (rank {rank} of {world_size})" if world_size > 1 else ""),
                    disable=not progress or rank != 0, file=sys.stderr)
@@ -646,23 +654,17 @@ def evaluate(
                     on_batch(b + 1, batch["index"].tolist())
         finally:
             bar.close()
+        if world_size == 1:
+            summary = finish(rs)
     if world_size > 1:
         counts = [None] * world_size
         torch.distributed.all_gather_object(counts, (n_computed, n_skipped))
         n_computed, n_skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    summary: Any = None
-    if rank == 0:
-        # a single process summarises its own store (the in-memory one included); rank 0 of many, the merge
-        with (open_store(store) if world_size > 1 else own_store.reopen()) as rs:
-            if world_size > 1:
+        if rank == 0:
+            with open_store(store) as rs:
                 _merge_shards(rs, [shard_path(store, r, world_size) for r in range(world_size)], fingerprint)
-            n_stored = len(rs.done())
-            rs.set_attrs(n_total=n_total, complete=n_stored >= n_total, captum_vit_version=_version(),
-                         run=json.dumps(dict(run_info or {}), sort_keys=True), methods=json.dumps(list(classes)))
-            first = rs.read(next(iter(classes)), maps=False)
-            summary = (_summary(rs, groups), first["label"], first["pred"])
-    if world_size > 1:  # one process writes and reads the merged store; the others get its summary
-        box = [summary]
+                summary = finish(rs)
+        box = [summary]  # one process writes and reads the merged store; the others get its summary
         torch.distributed.broadcast_object_list(box, src=0)
         summary = box[0]
     summary, labels_stored, preds_stored = summary
@@ -681,6 +683,7 @@ def evaluate(
         "n_computed": n_computed,
         "n_skipped": n_skipped,
         "world_size": world_size,
+        "rank": rank,
         "runtime_s": runtime,
         "images_per_s": n_computed / runtime if runtime > 0 else float("nan"),
     }
@@ -831,7 +834,7 @@ def run_evaluation(
         if joined:
             torch.distributed.destroy_process_group()
     result["model"], result["checkpoint"] = model, checkpoint
-    if _distributed_rank() != 0:
+    if result["rank"] != 0:  # under torchrun, rank 0 prints and writes
         return result
     title = f"{dataset} ({result['n_images']} images, {model})"
     table = format_markdown(result, title)
@@ -850,6 +853,3 @@ def run_evaluation(
           "the store", file=stream)
     return result
 
-
-def _distributed_rank() -> int:
-    return int(os.environ.get("RANK", "0"))

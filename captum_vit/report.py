@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from captum_vit.evaluate import METRIC_GROUPS, STORE_NAME, ResultStore, _summary, load_store
+from captum_vit.demo import _json_safe
+from captum_vit.evaluate import METRIC_GROUPS, STORE_NAME, _summary, load_store
 
 __all__ = ["SCORES", "ReportError", "build_report", "select_pictures", "add_report_arguments", "run_report_from_args"]
 
@@ -213,30 +214,6 @@ def _column_json(v: np.ndarray, digits: int = 4) -> str:
     return "[" + ",".join("null" if not math.isfinite(x) else repr(round(x, digits)) for x in v.tolist()) + "]"
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, (np.integer, np.bool_)):
-        return v.item()
-    if isinstance(v, np.floating):
-        return _plain(float(v))
-    return v
-
-
-def _open_store(path: str) -> ResultStore:
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, STORE_NAME)):
-        raise FileNotFoundError(f"no result store in folder {path!r} (expected {STORE_NAME} there): give the --out "
-                                "folder of a `captum-vit evaluate` run, or run the evaluation first")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no result store at {path!r}: give the --out folder of a `captum-vit evaluate` run "
-                                f"(or its {STORE_NAME}), or run the evaluation first")
-    return load_store(path)
-
-
 def _check_out(out: str) -> None:
     if os.path.isdir(out):
         example = os.path.join(out, "report.html")
@@ -288,7 +265,7 @@ def build_report(
         raise ReportError("--per-score, --sample and --pairs must be 0 or more")
     _check_out(out)
     notes: List[str] = []
-    with _open_store(store) as rs:
+    with load_store(store) as rs:
         fp, attrs = rs.fingerprint, dict(rs.attrs)
         methods = list(rs.methods)  # the run's order, as in its evaluate table
         run = json.loads(attrs.get("run", "{}") or "{}")
@@ -370,8 +347,8 @@ def build_report(
         "accuracy": float((first["label"] == first["pred"]).mean()) if n_images else None,
     }
     parts = [
-        '{"meta":', json.dumps(_plain(meta), allow_nan=False),
-        ',"summary":', json.dumps(_plain(summary), allow_nan=False),
+        '{"meta":', json.dumps(_json_safe(meta), allow_nan=False),
+        ',"summary":', json.dumps(_json_safe(summary), allow_nan=False),
         ',"idx":', _column_json(index.astype(np.float64), 0).replace(".0", ""),
         ',"y":', json.dumps(first["label"].tolist()),
         ',"p":', json.dumps(first["pred"].tolist()),
@@ -381,7 +358,7 @@ def build_report(
         ",".join(json.dumps(m) + ":{" + ",".join(json.dumps(c) + ":" + _column_json(v) for c, v in cols.items()) + "}"
                  for m, cols in scores.items()),
         '},"pics":', json.dumps(pics),
-        ',"pairs":', json.dumps(_plain(pair_rows)), "}",
+        ',"pairs":', json.dumps(_json_safe(pair_rows)), "}",
     ]
     data = "".join(parts).replace("</", "<\\/")  # nothing in the JSON can close the inline script
     with open(_TEMPLATE, encoding="utf-8") as f:
