@@ -248,34 +248,14 @@ def test_without_maps_the_store_holds_scores_only(tiny, tmp_path):
     assert a["methods"]["agcam"]["abpc"] == b["methods"]["agcam"]["abpc"]
 
 
-def _imagenet_fixture(root, size=40):
-    """Three readable ImageNet val images in the per-wnid layout, and one corrupt one."""
-    from PIL import Image
-
-    data, ann = root / "Data" / "CLS-LOC" / "val", root / "Annotations" / "CLS-LOC" / "val"
-    ann.mkdir(parents=True)
-    items = [("n01", 0), ("n02", 1), ("n03", 2), ("n02", 3)]
-    for wnid, k in items:
-        (data / wnid).mkdir(parents=True, exist_ok=True)
-        img = data / wnid / f"ILSVRC2012_val_{k:08d}.JPEG"
-        if k == 3:
-            img.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-        else:
-            arr = np.random.default_rng(k).integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(img, "JPEG")
-        (ann / f"ILSVRC2012_val_{k:08d}.xml").write_text(
-            f"<annotation><size><width>{size}</width><height>{size}</height><depth>3</depth></size><object>"
-            f"<name>{wnid}</name><bndbox><xmin>4</xmin><ymin>5</ymin><xmax>30</xmax><ymax>33</ymax></bndbox>"
-            "</object></annotation>")
-    return str(root)
-
-
 def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing(tiny, tmp_path):
     from captum_vit.data import DatasetFileError, ImageNetVal
+    from test_datasets import _imagenet_folders
 
-    root = _imagenet_fixture(tmp_path / "imagenet")
+    # three readable images of three classes, and a corrupt fourth
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", "n05555555", "corrupt")])
     strict = ImageNetVal(root, input_size=64)
-    with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000003.JPEG"):
+    with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000004.JPEG"):
         evaluate(tiny, strict, "agcam,rollout", batch_size=2, progress=False)
     lenient = ImageNetVal(root, input_size=64, on_error="skip")
     r0 = evaluate(tiny, lenient, "agcam,rollout", batch_size=2, progress=False)
@@ -283,7 +263,6 @@ def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing
                   workers=2, progress=False)
     assert r0["n_skipped"] == r2["n_skipped"] == 1 and r0["n_images"] == r2["n_images"] == 3
     close(r0, r2)
-    # the labels come from the sorted wnids: n01 -> 0, n02 -> 1, n03 -> 2
     assert r0["fingerprint"]["dataset"]["class"] == "ImageNetVal"
 
 
