@@ -153,7 +153,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo_from_args(a)
 
 
-def _cmd_evaluate(a: argparse.Namespace) -> None:
+def _cmd_evaluate(a: argparse.Namespace) -> int:
     from captum_vit.evaluate import run_evaluation
 
     result = run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
@@ -165,6 +165,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
         from captum_vit.report import run_report_from_args
 
         run_report_from_args(a, store=a.out, out=os.path.join(a.out, "report.html"))
+    # results were written, but some are not numbers: a script must not take the run for a clean one
+    return 3 if any(m.get("n_nonfinite") for m in result["methods"].values()) else 0
 
 
 def _cmd_report(a: argparse.Namespace) -> None:
@@ -252,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
         print(f"captum-vit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt as e:
+        print(f"captum-vit {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,20 +15,23 @@ in batches:
   drop in the ground-truth class's probability; one more ``attribute`` call per image).
 
 Per-image results (and, unless ``keep_maps=False``, both maps of every image on the patch grid, for
-reports) go to a :class:`ResultStore` as they are computed. With a file path the store is
-an HDF5 file (h5py), because HDF5 gives chunked, appendable columns in one file: each batch is
-appended and flushed, so an interrupted run loses at most the batch in flight, and a run started
-again over the same file recomputes nothing already stored. Every column is written with HDF5's
-Fletcher-32 chunk checksums, so a damaged chunk fails on read instead of returning wrong numbers.
-The file also holds a fingerprint of what produced it (a hash of the model's weights, the
-checkpoint file, the methods, the metric options and the dataset with its preprocessing): a store
-written under another fingerprint is refused, naming what differs, because mixing its rows with
-new ones would average two different experiments. A file that cannot be opened, or whose columns
-disagree in length, is reported as corrupt and never read as results; a store of another format
-version is refused as written by another version of captum-vit.
+reports) go to a :class:`~captum_vit.store.ResultStore` as they are computed: each batch is
+committed as its own file, renamed into place when complete, and the run ends by merging them into
+one HDF5 file that replaces the old one atomically. A run killed at any point loses at most the
+batch in flight, and the same command started again recomputes nothing already stored. The store
+holds a fingerprint of what produced it (a hash of the model's weights, the checkpoint file, the
+methods, the metric options and the dataset with its preprocessing): a store written under another
+fingerprint is refused, naming what differs, because mixing its rows with new ones would average
+two different experiments. See :mod:`captum_vit.store` for the files and their guarantees.
+
+An image whose logits or maps are not finite (a NaN checkpoint, an overflowing input) is stored
+with ``finite = 0`` and NaN scores; the summary averages the finite rows and counts the others
+(``n_nonfinite``), and the CLI warns and exits with status 3.
 
 Under ``torchrun --nproc-per-node N`` the fixed batches are dealt round-robin over the ranks, each
-rank writes its own shard file and rank 0 merges them into the store. Each image is explained in the
+rank commits its batches into the same store folder and rank 0 merges them at the end; the batch
+files are named by their images, not by their process, so a rerun with any number of processes
+reuses what any other stored. Each image is explained in the
 same batch as in a single-process run, so the merged rows equal a single process's; bit for bit when
 the processes use the same number of threads (torchrun sets ``OMP_NUM_THREADS=1``), otherwise to the
 float rounding of multi-threaded kernels (about 1e-7).
@@ -60,20 +63,32 @@ from captum_vit.metrics import (
     remove_top_patches,
     texture_collapse,
 )
+from captum_vit.store import (
+    FORMAT_VERSION,
+    ResultStore,
+    StoreCorruptError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreVersionError,
+    StoreWriteError,
+    load_store,
+)
 
 __all__ = [
     "DATASETS",
     "INSENSITIVITY_FRACTION",
     "METRIC_GROUPS",
+    "EvaluationInterrupted",
     "ResultStore",
     "SHAPES_BENCHMARK",
     "STORE_NAME",
     "build_dataset",
     "StoreCorruptError",
+    "StoreLockedError",
     "StoreMismatchError",
     "StoreVersionError",
+    "StoreWriteError",
     "load_store",
-    "shard_path",
     "describe_dataset",
     "evaluate",
     "format_markdown",
@@ -87,10 +102,6 @@ METRIC_GROUPS: Dict[str, List[str]] = {
     "abpc": ["auc_lerf", "auc_morf", "abpc"],
     "diagnostics": ["texture_collapse", "entropy", "mass_outside", "insensitivity", "prob_drop"],
 }
-_FORMAT_VERSION = 2
-_ID_COLUMNS = ("index", "label", "pred", "prob_pred", "prob_label")
-_INT_COLUMNS = ("index", "label", "pred")
-_MAP_COLUMNS = ("map_pred", "map_label")
 #: the file name of the store inside an evaluation's output folder
 STORE_NAME = "results.h5"
 # the summary's names for the localization columns: the AGCAM paper's short names
@@ -99,16 +110,8 @@ _SUMMARY_NAMES = {"pixel_accuracy": "pixel_acc"}
 INSENSITIVITY_FRACTION = 0.2
 
 
-class StoreVersionError(ValueError):
-    """The result store was written by a version of captum-vit with another store format."""
-
-
-class StoreMismatchError(ValueError):
-    """The result store was written by another model, checkpoint, method set, metric options or dataset."""
-
-
-class StoreCorruptError(ValueError):
-    """The result store cannot be read, or its columns are inconsistent (e.g. a truncated file)."""
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or another interruption) during :func:`evaluate`; the message says what is stored and how to resume."""
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -148,229 +151,10 @@ def describe_dataset(dataset: Any) -> Dict[str, Any]:
     return desc
 
 
-class ResultStore:
-    r"""Per-image results of one evaluation, one row per (method, image), appendable and resumable.
-
-    Columns per method: ``index`` (dataset index), ``label``, ``pred``, ``prob_pred`` and
-    ``prob_label`` (softmax probabilities of the predicted and the ground-truth class), one float64
-    column per metric of the selected groups (NaN where the protocol does not score the image,
-    e.g. localization of a misclassified image) and, when maps are kept, ``map_pred`` and
-    ``map_label`` (float16 ``[n, gh, gw]``: the raw maps for the predicted and the ground-truth
-    class on the patch grid).
-
-    Args:
-        path (str, optional): the HDF5 file; ``None`` keeps the rows in memory (no resume).
-        fingerprint (dict): what produced the results (see the module docstring).
-        methods (sequence of str): the method names.
-        columns (sequence of str): the metric columns.
-        keep_maps (bool, optional): store the maps too. Default: True
-        mode (str, optional): ``"a"`` (create or resume) or ``"r"`` (read an existing store
-            with this fingerprint; with an empty fingerprint, whatever its fingerprint, as
-            :func:`load_store` does). Default: ``"a"``
-    """
-
-    def __init__(self, path: Optional[str], fingerprint: Mapping[str, Any], methods: Sequence[str],
-                 columns: Sequence[str], keep_maps: bool = True, mode: str = "a") -> None:
-        self.path = path
-        self.fingerprint = dict(fingerprint)
-        self.methods = list(methods)
-        self.columns = list(_ID_COLUMNS) + list(columns)
-        self.maps = list(_MAP_COLUMNS) if keep_maps else []
-        self.attrs: Dict[str, Any] = {}
-        self._mem: Dict[str, Dict[str, List[np.ndarray]]] = {m: {c: [] for c in self.columns + self.maps}
-                                                             for m in self.methods}
-        self._file = None
-        if path is not None:
-            self._open(path, mode)
-
-    # -- file handling -------------------------------------------------------------------------
-    def _open(self, path: str, mode: str) -> None:
-        import h5py
-
-        exists = os.path.exists(path)
-        if mode == "r" and not exists:
-            raise FileNotFoundError(f"result store {path!r} does not exist")
-        try:
-            f = h5py.File(path, mode)
-        except OSError as e:
-            raise StoreCorruptError(f"result store {path!r} cannot be opened as HDF5 ({e}); it is truncated or not a "
-                                    "result store: delete it (or give another --out) to start afresh") from e
-        self._file = f
-        try:
-            if mode == "r" and not self.fingerprint:
-                self._adopt(f)
-            elif mode == "r":
-                self._check_existing(f)
-            elif exists and len(f.keys()) + len(f.attrs.keys()) > 0:
-                self._check_existing(f)
-            else:
-                f.attrs["format_version"] = _FORMAT_VERSION
-                f.attrs["fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)
-                for m in self.methods:
-                    g = f.create_group(m)
-                    for c in self.columns:
-                        dtype = "i8" if c in _INT_COLUMNS else "f8"
-                        g.create_dataset(c, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,),
-                                         fletcher32=True)
-                f.flush()
-            self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
-        except BaseException:
-            f.close()
-            self._file = None
-            raise
-
-    def _stored_fingerprint(self, f) -> Dict[str, Any]:
-        where = f"result store {self.path!r}"
-        if "fingerprint" not in f.attrs or "format_version" not in f.attrs:
-            raise StoreCorruptError(f"{where} has no fingerprint: it is not a complete result store; delete it")
-        version = int(f.attrs["format_version"])
-        if version != _FORMAT_VERSION:
-            raise StoreVersionError(f"{where} has store format {version}, this captum-vit ({_version()}) reads "
-                                    f"format {_FORMAT_VERSION}: it was written by another version of captum-vit. "
-                                    "Run the evaluation again into another --out, or use the version that wrote it")
-        try:
-            return json.loads(f.attrs["fingerprint"])
-        except (TypeError, ValueError) as e:
-            raise StoreCorruptError(f"{where} has an unreadable fingerprint ({e}); delete it") from e
-
-    def _adopt(self, f) -> None:
-        """Read mode: take the methods, columns and fingerprint from the file."""
-        self.fingerprint = self._stored_fingerprint(f)
-        # the fingerprint is stored with sorted keys; the run's own order of methods is an attribute
-        order = json.loads(f.attrs["methods"]) if "methods" in f.attrs else []
-        self.methods = list(order) if sorted(order) == sorted(self.fingerprint.get("methods", {})) \
-            else sorted(self.fingerprint.get("methods", {}))
-        if not self.methods or any(m not in f for m in self.methods):
-            raise StoreCorruptError(f"result store {self.path!r} lacks the groups of its methods {self.methods}; "
-                                    "it is damaged")
-        first = f[self.methods[0]]
-        self.maps = [c for c in _MAP_COLUMNS if c in first]
-        self.columns = list(_ID_COLUMNS) + [c for c in first.keys() if c not in _ID_COLUMNS and c not in _MAP_COLUMNS]
-        self._check_rows(f)
-
-    def _check_existing(self, f) -> None:
-        where = f"result store {self.path!r}"
-        stored = self._stored_fingerprint(f)
-        current = json.loads(json.dumps(self.fingerprint, sort_keys=True))
-        if stored != current:
-            diffs = [f"{k}: stored {stored.get(k)!r}, now {current.get(k)!r}"
-                     for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
-            raise StoreMismatchError(f"{where} was written by another run; its results cannot be resumed or mixed "
-                                     "with this one. Differences: " + "; ".join(diffs)
-                                     + ". Give another --out (or delete the file) to start afresh.")
-        self._check_rows(f)
-
-    def _check_rows(self, f) -> None:
-        where = f"result store {self.path!r}"
-        lengths = set()
-        for m in self.methods:
-            if m not in f or any(c not in f[m] for c in self.columns):
-                raise StoreCorruptError(f"{where} lacks the columns of method {m!r}; it is damaged: delete it")
-            lengths |= {f[m][c].shape[0] for c in self.columns}
-            lengths |= {f[m][c].shape[0] for c in self.maps if c in f[m]}
-        if len(lengths) > 1:
-            raise StoreCorruptError(f"{where} is inconsistent: its columns hold {sorted(lengths)} rows (an interrupted "
-                                    "write or a damaged file); delete it to start afresh")
-        for m in self.methods:
-            try:
-                idx = f[m]["index"][...]
-            except OSError as e:
-                raise StoreCorruptError(f"{where}: reading method {m!r} failed ({e}); the file is damaged") from e
-            if len(np.unique(idx)) != len(idx):
-                raise StoreCorruptError(f"{where} stores an image twice for method {m!r}; it is damaged: delete it")
-
-    def set_attrs(self, **attrs: Any) -> None:
-        """Record facts about the run that do not identify its results (e.g. how many images it covers)."""
-        self.attrs.update(attrs)
-        if self._file is not None:
-            for k, v in attrs.items():
-                self._file.attrs[k] = v
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> ResultStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- rows ----------------------------------------------------------------------------------
-    def done(self) -> set:
-        """Dataset indices stored for every method."""
-        sets = [set(self.read(m, maps=False)["index"].tolist()) for m in self.methods]
-        return set.intersection(*sets) if sets else set()
-
-    def append(self, rows: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """Append one batch: ``{method: {column: array[n, ...]}}``; the file is flushed afterwards."""
-        if self._file is None:
-            for m, cols in rows.items():
-                for c in self.columns + self.maps:
-                    self._mem[m][c].append(np.asarray(cols[c]))
-            return
-        for m, cols in rows.items():
-            g = self._file[m]
-            for c in self.columns + self.maps:
-                v = np.asarray(cols[c])
-                if c not in g:  # map columns: their grid is known only once a map exists
-                    g.create_dataset(c, shape=(0,) + v.shape[1:], maxshape=(None,) + v.shape[1:], dtype="f2",
-                                     chunks=(64,) + v.shape[1:], fletcher32=True)
-                d = g[c]
-                n = d.shape[0]
-                d.resize((n + len(v),) + d.shape[1:])
-                d[n:] = v
-        self._file.flush()
-
-    def read(self, method: str, maps: bool = True) -> Dict[str, np.ndarray]:
-        """All rows of one method, as ``{column: array}``, sorted by dataset index."""
-        names = self.columns + (self.maps if maps else [])
-        if self._file is None:
-            out = {c: np.concatenate(self._mem[method][c]) if self._mem[method][c] else _empty(c) for c in names}
-        else:
-            try:
-                g = self._file[method]
-                out = {c: g[c][...] if c in g else _empty(c) for c in names}
-            except OSError as e:
-                raise StoreCorruptError(f"result store {self.path!r}: reading method {method!r} failed ({e}); the "
-                                        "file is damaged: delete it") from e
-        order = np.argsort(out["index"], kind="stable")
-        return {c: v[order] if len(v) == len(order) else v for c, v in out.items()}
-
-
-def _empty(column: str) -> np.ndarray:
-    return np.zeros(0, dtype=np.int64 if column in _INT_COLUMNS else np.float64)
-
-
 def _version() -> str:
     from captum_vit import __version__
 
     return __version__
-
-
-def load_store(path: str) -> ResultStore:
-    r"""Open an existing result store read-only, whatever run wrote it.
-
-    The fingerprint, methods and columns are taken from the file; its rows are checked as when a
-    run resumes it. ``store.attrs`` holds the run's facts: ``n_total`` (the images the run was
-    asked for), ``run`` (JSON: model name, checkpoint, dataset name and root) and ``complete``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        StoreVersionError: written by a version of captum-vit with another store format.
-        StoreCorruptError: truncated, damaged or not a result store.
-    """
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, STORE_NAME)):
-            raise FileNotFoundError(f"no result store in folder {path!r} (expected {STORE_NAME} there): give the "
-                                    "--out folder of a `captum-vit evaluate` run, or run the evaluation first")
-        path = os.path.join(path, STORE_NAME)
-    elif not os.path.exists(path):
-        raise FileNotFoundError(f"no result store at {path!r}: give the --out folder of a `captum-vit evaluate` run "
-                                f"(or its {STORE_NAME}), or run the evaluation first")
-    return ResultStore(path, {}, [], [], mode="r")
 
 
 def _collate_for(dataset: Any) -> Callable:
@@ -384,11 +168,13 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _summary(store: ResultStore, groups: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Each method's means over its finite rows (localization: the correctly classified ones)."""
     out: Dict[str, Dict[str, Any]] = {}
     for m in store.methods:
         rows = store.read(m, maps=False)  # sorted by index: the same sums whatever order the rows came in
-        correct = rows["label"] == rows["pred"]
-        s: Dict[str, Any] = {"n_images_total": int(len(rows["index"]))}
+        finite = rows["finite"].astype(bool)
+        correct = (rows["label"] == rows["pred"]) & finite
+        s: Dict[str, Any] = {"n_images_total": int(len(rows["index"])), "n_nonfinite": int((~finite).sum())}
         if "localization" in groups:
             s["n_images"] = int(correct.sum())
             for c in METRIC_GROUPS["localization"]:
@@ -396,11 +182,21 @@ def _summary(store: ResultStore, groups: Sequence[str]) -> Dict[str, Dict[str, A
         for g in ("abpc", "diagnostics"):
             if g in groups:
                 if g == "abpc":
-                    s["n_images_abpc"] = int(len(rows["index"]))
+                    s["n_images_abpc"] = int(finite.sum())
                 for c in METRIC_GROUPS[g]:
-                    s[c] = float(rows[c].mean()) if len(rows[c]) else float("nan")
+                    s[c] = float(rows[c][finite].mean()) if finite.any() else float("nan")
         out[m] = s
     return out
+
+
+def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
+    """Refuse, before any compute, a dataset whose labels the model's head cannot even output."""
+    n_data = getattr(dataset, "num_classes", None)
+    n_model = getattr(model, "num_classes", None) or getattr(getattr(model, "config", None), "num_labels", None)
+    if n_data is not None and isinstance(n_model, int) and n_model > 0 and int(n_data) > n_model:
+        raise ValueError(f"the dataset has {int(n_data)} classes but the model's head has {n_model} outputs, so the "
+                         "labels would not mean the model's classes: give a model (or --checkpoint) trained on this "
+                         "dataset's classes")
 
 
 def _batches(n_total: int, batch_size: int, rank: int, world_size: int) -> List[List[int]]:
@@ -438,6 +234,9 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
     pred = probs.argmax(-1)
     correct = pred == labels
     prob_label = probs.gather(1, labels[:, None])[:, 0]
+    if int(labels.max()) >= probs.shape[1]:
+        raise ValueError(f"a label ({int(labels.max())}) is outside the model's {probs.shape[1]} classes: the dataset "
+                         "and the model's head do not match; give a model (or --checkpoint) trained on this dataset")
     cols: Dict[str, np.ndarray] = {
         "index": batch["index"].numpy().astype(np.int64),
         "label": labels.cpu().numpy().astype(np.int64),
@@ -450,6 +249,10 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
     wrong = torch.nonzero(~correct).flatten()
     if len(wrong) and (keep_maps or "abpc" in groups or "diagnostics" in groups):
         maps_label[wrong] = explainer.attribute(x[wrong], target=labels[wrong]).detach()
+    # a non-finite logit or map gives no score: every metric of that row is NaN, never a number that looks right
+    finite = torch.isfinite(logits.detach()).all(-1) & torch.isfinite(maps_pred.flatten(1)).all(-1) \
+        & torch.isfinite(maps_label.flatten(1)).all(-1)
+    cols["finite"] = finite.cpu().numpy().astype(np.int64)
     if keep_maps:
         cols["map_pred"] = maps_pred.flatten(0, 1).cpu().numpy().astype(np.float16)
         cols["map_label"] = maps_label.flatten(0, 1).cpu().numpy().astype(np.float16)
@@ -476,6 +279,9 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
         prob_removed = logits_removed.detach().float().softmax(-1).gather(1, labels[:, None])[:, 0]
         ins = insensitivity(maps_label, maps_removed.detach(), prob_label, prob_removed)
         cols["insensitivity"], cols["prob_drop"] = _np(ins["spearman"]), _np(ins["prob_drop"])
+    bad = ~cols["finite"].astype(bool)
+    for c in [c for g in groups for c in METRIC_GROUPS[g]]:
+        cols[c][bad] = np.nan
     return cols
 
 
@@ -483,11 +289,6 @@ def _distributed() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def shard_path(store: str, rank: int, world_size: int) -> str:
-    """The file rank ``rank`` of ``world_size`` writes its rows to, next to the merged store."""
-    return f"{store}.rank{rank}-of-{world_size}"
 
 
 def evaluate(
@@ -513,9 +314,9 @@ def evaluate(
     mode); each method is constructed as ``cls(model)``.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the batches are dealt
-    round-robin over the ranks; each rank writes its rows to its own shard of the store
-    (:func:`shard_path`), rank 0 merges the shards into ``store`` and every rank returns the
-    summary of the merged store: the same numbers as a single-process run.
+    round-robin over the ranks; each rank commits its batches into ``store``'s folder of parts,
+    rank 0 merges them and every rank returns the summary of the merged store: the same numbers as
+    a single-process run.
 
     Args:
         model (nn.Module): the classifier, in eval mode.
@@ -536,7 +337,7 @@ def evaluate(
             fingerprint. Default: None
         abpc_batch_size (int, optional): perturbed copies per model call in ABPC. Default: 64
         on_batch (callable, optional): called as ``on_batch(batches_done, indices)`` after each
-            batch is stored (progress hooks; an exception raised there stops the run cleanly).
+            batch is committed (progress hooks; an exception raised there stops the run cleanly).
         keep_maps (bool, optional): store each image's maps (patch grid, float16) for reports.
             Default: True
         workers (int, optional): DataLoader worker processes that load images. Default: 0
@@ -546,14 +347,19 @@ def evaluate(
     Returns:
         dict: ``{"methods": {name: {n_images, pixel_acc, iou, dice, precision, recall,
         n_images_abpc, auc_lerf, auc_morf, abpc, texture_collapse, entropy, mass_outside,
-        insensitivity, prob_drop, n_images_total}}, "n_images", "n_correct", "accuracy",
+        insensitivity, prob_drop, n_images_total, n_nonfinite}}, "n_images", "n_correct", "accuracy",
         "metrics", "threshold", "dataset", "fingerprint", "store", "n_computed", "n_skipped",
         "world_size", "rank", "runtime_s", "images_per_s"}``.
 
     Raises:
-        ValueError: bad options or a model in train mode; :class:`StoreMismatchError`,
-            :class:`StoreVersionError` or :class:`StoreCorruptError` for a store that cannot be
-            resumed.
+        ValueError: bad options, a model in train mode, or a dataset with more classes than the
+            model's head; :class:`StoreMismatchError`, :class:`StoreVersionError` or
+            :class:`StoreCorruptError` for a store that cannot be resumed.
+        StoreLockedError: another running evaluation writes ``store``.
+        StoreWriteError: the store could not be written (e.g. the disk is full); the batches
+            committed before are kept and the same call resumes from them.
+        EvaluationInterrupted: Ctrl-C; the message says how many images are stored and that the
+            same call resumes.
     """
     from tqdm import tqdm
 
@@ -578,12 +384,15 @@ def evaluate(
     rank, world_size = _distributed()
     if world_size > 1 and store is None:
         raise ValueError("a sharded run (torchrun) needs a store file: the ranks merge their results through it")
+    if store is not None and os.path.isdir(store):
+        raise ValueError(f"store {store!r} is a folder; give the store's file name (e.g. {STORE_NAME} inside it)")
     classes = resolve_methods(methods)
+    _check_classes(model, dataset)
     explainers = {name: cls(model) for name, cls in classes.items()}
     columns = [c for g in METRIC_GROUPS for c in METRIC_GROUPS[g] if g in groups]
 
     fingerprint = {
-        "format_version": _FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights_sha256": weights_fingerprint(model),
         "checkpoint_sha256": _file_sha256(checkpoint) if checkpoint else None,
@@ -606,30 +415,16 @@ def evaluate(
         with torch.no_grad():
             return model(x)
 
-    def open_store(path: Optional[str]) -> ResultStore:
-        return ResultStore(path, fingerprint, list(classes), columns, keep_maps=keep_maps)
-
     run_attrs = dict(n_total=n_total, captum_vit_version=_version(), methods=json.dumps(list(classes)),
                      run=json.dumps(dict(run_info or {}), sort_keys=True))
-
-    def finish(rs: ResultStore) -> Tuple[Dict[str, Dict[str, Any]], np.ndarray, np.ndarray]:
-        """Mark the store complete (or not); the summary, labels and predictions of its rows."""
-        rs.set_attrs(complete=len(rs.done()) >= n_total, **run_attrs)
-        first = rs.read(next(iter(classes)), maps=False)
-        return _summary(rs, groups), first["label"], first["pred"]
-
-    done: set = set()
-    if world_size > 1 and os.path.exists(store):  # images an earlier run already merged
-        with ResultStore(store, fingerprint, list(classes), columns, keep_maps=keep_maps, mode="r") as merged:
-            done = merged.done()
-    if world_size > 1:
-        torch.distributed.barrier()  # nobody writes the merged store while another rank reads it
-    own = shard_path(store, rank, world_size) if world_size > 1 else store
     mine = _batches(n_total, int(batch_size), rank, world_size)
     n_computed = n_skipped = 0
     summary: Any = None
-    with open_store(own) as rs:
-        done |= rs.done()
+    # under torchrun every rank reads the store; only rank 0 locks it (and removes what a killed run left)
+    with ResultStore(store, fingerprint, list(classes), columns, keep_maps=keep_maps, lock=rank == 0) as rs:
+        if world_size > 1:
+            torch.distributed.barrier()  # nobody commits a batch before every rank has read the store
+        done = rs.done() | rs.skipped()
         rs.set_attrs(complete=False, **run_attrs)
         # a resumed run skips what is stored; batches interrupted half-way resume as the remainder
         batches = [c for c in ([i for i in c if i not in done] for c in mine) if c]
@@ -641,29 +436,39 @@ def evaluate(
                    disable=not progress or rank != 0, file=sys.stderr)
         try:
             for b, (batch, wanted) in enumerate(zip(loader, batches)):
-                n_skipped += len(wanted) - len(batch["label"])  # unreadable files dropped with on_error="skip"
-                if len(batch["label"]) == 0:
-                    continue
-                rows = {name: _score_batch(explainer, model_fn, batch, groups, float(threshold),
-                                           abpc_batch_size, keep_maps, device)
-                        for name, explainer in explainers.items()}
-                rs.append(rows)
+                # unreadable files dropped with on_error="skip" are recorded, so a rerun does not try them again
+                skipped = sorted(set(wanted) - set(batch["index"].tolist()))
+                rows = {}
+                if len(batch["label"]):
+                    rows = {name: _score_batch(explainer, model_fn, batch, groups, float(threshold),
+                                               abpc_batch_size, keep_maps, device)
+                            for name, explainer in explainers.items()}
+                rs.append(rows, skipped=skipped)
                 n_computed += len(batch["label"])
+                n_skipped += len(skipped)
                 bar.update(len(wanted))
                 if on_batch is not None:
                     on_batch(b + 1, batch["index"].tolist())
+        except KeyboardInterrupt as e:
+            stored = len((rs.done() | rs.skipped()) & set(range(n_total)))
+            where = f"in {store}" if store else "in memory only (no store was given), so nothing is kept"
+            raise EvaluationInterrupted(f"interrupted: {stored} of {n_total} images are stored {where}"
+                                        + ("; run the same command again to resume from them" if store else "")) from e
         finally:
             bar.close()
-        if world_size == 1:
-            summary = finish(rs)
-    if world_size > 1:
-        counts = [None] * world_size
-        torch.distributed.all_gather_object(counts, (n_computed, n_skipped))
-        n_computed, n_skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        if world_size > 1:
+            torch.distributed.barrier()  # every rank's batches are committed
+            counts: List[Any] = [None] * world_size
+            torch.distributed.all_gather_object(counts, (n_computed, n_skipped))
+            n_computed, n_skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
         if rank == 0:
-            with open_store(store) as rs:
-                _merge_shards(rs, [shard_path(store, r, world_size) for r in range(world_size)], fingerprint)
-                summary = finish(rs)
+            rs.reload_parts()
+            covered = (rs.done() | rs.skipped()) & set(range(n_total))
+            rs.set_attrs(complete=len(covered) >= n_total, n_skipped=len(rs.skipped()), **run_attrs)
+            rs.commit()
+            first = rs.read(next(iter(classes)), maps=False)
+            summary = _summary(rs, groups), first["label"], first["pred"]
+    if world_size > 1:
         box = [summary]  # one process writes and reads the merged store; the others get its summary
         torch.distributed.broadcast_object_list(box, src=0)
         summary = box[0]
@@ -689,28 +494,6 @@ def evaluate(
     }
 
 
-def _merge_shards(merged: ResultStore, shards: Sequence[str], fingerprint: Mapping[str, Any]) -> None:
-    """Append the shards' rows that ``merged`` lacks, in dataset order."""
-    have = merged.done()
-    parts: Dict[str, List[Dict[str, np.ndarray]]] = {m: [] for m in merged.methods}
-    for path in shards:
-        if not os.path.exists(path):
-            continue
-        with ResultStore(path, fingerprint, merged.methods, merged.columns[len(_ID_COLUMNS):],
-                         keep_maps=bool(merged.maps), mode="r") as shard:
-            for m in merged.methods:
-                rows = shard.read(m)
-                new = ~np.isin(rows["index"], list(have))
-                if new.any():  # a rank dealt no batch has no rows (and no map columns yet)
-                    parts[m].append({c: v[new] for c, v in rows.items()})
-    rows = {m: {c: np.concatenate([p[c] for p in ps]) for c in ps[0]} for m, ps in parts.items() if ps}
-    if rows:
-        for m, cols in rows.items():
-            order = np.argsort(cols["index"], kind="stable")
-            rows[m] = {c: v[order] for c, v in cols.items()}
-        merged.append(rows)
-
-
 _ROWS = [("pixel_acc", "pixel acc"), ("iou", "IoU"), ("dice", "Dice"), ("precision", "precision"),
          ("recall", "recall"), ("auc_lerf", "LeRF AUC"), ("auc_morf", "MoRF AUC"), ("abpc", "ABPC"),
          ("texture_collapse", "texture collapse"), ("entropy", "map entropy"), ("mass_outside", "mass outside"),
@@ -734,6 +517,10 @@ def format_markdown(result: Mapping[str, Any], title: str = "") -> str:
         notes.append(f"localization: {first['n_images']} correctly classified images, map for the predicted class")
     if "n_images_abpc" in first:
         notes.append(f"ABPC: all {first['n_images_abpc']} images, map for the ground-truth class")
+    flagged = {m: s.get("n_nonfinite", 0) for m, s in result["methods"].items() if s.get("n_nonfinite", 0)}
+    if flagged:
+        notes.append("WARNING: non-finite logits or maps, those images are left out of every mean: "
+                     + ", ".join(f"{m} {n}" for m, n in flagged.items()))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -846,6 +633,11 @@ def run_evaluation(
     json_path = json_path or os.path.join(out, "results.json")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2)
+    flagged = {m: v["n_nonfinite"] for m, v in result["methods"].items() if v.get("n_nonfinite")}
+    if flagged:
+        print("captum-vit evaluate: warning: non-finite logits or maps (NaN or inf: check the checkpoint and the "
+              "inputs) for " + ", ".join(f"{n} images of {m}" for m, n in flagged.items())
+              + "; they are stored with finite=0 and left out of every mean", file=sys.stderr)
     skipped = f", {result['n_skipped']} skipped (unreadable)" if result["n_skipped"] else ""
     shards = f" by {result['world_size']} processes" if result["world_size"] > 1 else ""
     print(f"wrote {json_path} and {os.path.join(out, 'table.md')}; {result['n_computed']} images computed{shards} "
