@@ -35,6 +35,7 @@ import errno
 import glob
 import json
 import os
+import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -223,7 +224,9 @@ class ResultStore:
                                         f"damaged: {_MOVE_AWAY}")
             first = f[self.methods[0]]
             self.maps = [c for c in MAP_COLUMNS if c in first]
-            self.columns = list(ID_COLUMNS) + [c for c in first.keys() if c not in ID_COLUMNS and c not in MAP_COLUMNS]
+            # every method's columns: a column one of them lacks is then named below
+            scores = [c for m in self.methods for c in f[m].keys() if c not in ID_COLUMNS and c not in MAP_COLUMNS]
+            self.columns = list(ID_COLUMNS) + list(dict.fromkeys(scores))
             self._reset_new()
         else:
             self._compare(stored, self._where())
@@ -278,7 +281,7 @@ class ResultStore:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, KeyError) as e:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise StoreCorruptError(f"result store part {path!r} cannot be read ({e}); parts are renamed into place "
                                     "only when complete, so it was damaged or edited: move it away to recompute "
                                     "its batch") from e
@@ -303,6 +306,7 @@ class ResultStore:
             meta = json.loads(str(z["meta"]))
             self._compare(self._stored_fingerprint(meta, where), where)
             if self._merged_already(z):
+                self._parts.append(path)  # removed with the next commit, like the parts merged into it
                 continue
             for m in self.methods:
                 missing = [c for c in self.columns + self.maps if f"{m}/{c}" not in z]
