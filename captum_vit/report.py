@@ -22,7 +22,6 @@ the model the store names (its weights are checked against the store's fingerpri
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import json
 import math
@@ -157,12 +156,25 @@ class _Images:
 
 
 # -- the two-class section ---------------------------------------------------------------------
-def _import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _registered_class(name: str, path: Any) -> type:
+    """The package's own attribution class a store names under ``name``; nothing else is imported.
+
+    A store is a file anyone may have edited: its class paths are only compared with the registered
+    classes, never imported, so an edited store cannot make the report run code of its choosing.
+    """
+    from captum_vit.attr import METHODS
+
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ReportError(f"--pairs: the store's method entry {name!r} -> {path!r} is not one of captum-vit's "
+                          f"methods ({', '.join(METHODS)}); the store was edited or written by another program: "
+                          "drop --pairs or evaluate again")
+    registered = f"{cls.__module__}.{cls.__qualname__}"
+    if path != registered:
+        raise ReportError(f"--pairs: the store's method entry {name!r} -> {path!r} is not the registered class "
+                          f"{registered!r}; the store was edited or written by another version of captum-vit: "
+                          "drop --pairs or evaluate again")
+    return cls
 
 
 def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequence[str], n: int,
@@ -170,6 +182,8 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
     from captum_vit.data import ShapesDataset
     from captum_vit.evaluate import weights_fingerprint
 
+    stored = fingerprint.get("methods", {})
+    classes = {name: _registered_class(name, stored.get(name)) for name in methods}  # before any work
     desc = fingerprint.get("dataset", {})
     if desc.get("class") != "ShapesDataset":
         raise ReportError("--pairs needs a store of the synthetic shapes benchmark (its two-class split has the same "
@@ -199,7 +213,7 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
                      "prob": [round(float(probs[i, c]), 4) for c in labels[i]], "pred": int(probs[i].argmax()),
                      "prob_pred": round(float(probs[i].max()), 4), "gt": gt, "m": {}})
     for name in methods:
-        explainer = _import_class(fingerprint["methods"][name])(model)
+        explainer = classes[name](model)
         maps = [explainer.attribute(x, target=labels[:, k]).detach().float().cpu() for k in range(2)]
         for i, row in enumerate(rows):
             row["m"][name] = []

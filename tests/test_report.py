@@ -266,3 +266,44 @@ def test_evaluate_report_flag(tmp_path, capsys):
     meta = _data(html)["meta"]
     assert meta["classes"][:2] == ["disk", "square"] and meta["n_images"] == 4 and meta["complete"]
     assert meta["run"]["model"] == "shapes_vit" and meta["n_pictures"] == 4
+
+
+# -- hostile stores ----------------------------------------------------------------------------
+def _edited_store(src_dir, dst_dir, fingerprint=None, run=None):
+    """A copy of a store with its fingerprint and/or run information changed (``fn(dict) -> None``).
+
+    The one place that edits a store's attributes directly, as someone with the file could.
+    """
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(str(dst_dir), "results.h5")
+    shutil.copy(os.path.join(str(src_dir), "results.h5"), dst)
+    with h5py.File(dst, "a") as f:
+        for key, edit in (("fingerprint", fingerprint), ("run", run)):
+            if edit is not None:
+                value = json.loads(f.attrs[key]) if key in f.attrs else {}
+                edit(value)
+                f.attrs[key] = json.dumps(value, sort_keys=True)
+    return str(dst_dir)
+
+
+@pytest.mark.parametrize("path", ["os.system", "hostile_marker_module.Explainer",
+                                  "captum_vit.attr.rollout.AttentionRollout"])
+def test_pairs_instantiate_only_the_registered_methods(store, tmp_path, monkeypatch, path):
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "hostile_marker_module.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n"
+        "class Explainer:\n"
+        f"    def __init__(self, model):\n        open({str(marker)!r}, 'w').write('constructed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a: called.append(a) or 0)
+
+    def edit(fp):
+        fp["methods"]["agcam"] = path  # rollout's class under agcam's name is refused too
+
+    edited = _edited_store(store["dir"], tmp_path / "edited", fingerprint=edit)
+    with pytest.raises(ReportError, match=r"'agcam'.*" + re.escape(repr(path))):
+        build_report(edited, str(tmp_path / "r.html"), pairs=1, model=store["model"])
+    assert not marker.exists() and called == []
+    assert "hostile_marker_module" not in __import__("sys").modules
+    assert not os.path.exists(tmp_path / "r.html")
