@@ -22,10 +22,12 @@ the model the store names (its weights are checked against the store's fingerpri
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -228,6 +230,30 @@ def _column_json(v: np.ndarray, digits: int = 4) -> str:
     return "[" + ",".join("null" if not math.isfinite(x) else repr(round(x, digits)) for x in v.tolist()) + "]"
 
 
+# Characters that may not appear raw in JSON inside <script>: "<" could start "</script>" or "<!--" (which
+# changes how the HTML parser looks for the script's end), ">" and "&" for good measure, and U+2028/U+2029,
+# line terminators to older JavaScript engines. Each only occurs inside JSON strings, where a \u escape
+# stands for the same character, so the parsed data is unchanged.
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+_PLACEHOLDERS = re.compile(r"__TITLE__|/\*__DATA__\*/null")
+
+
+def _script_json(text: str) -> str:
+    """JSON text made safe to place inside an inline ``<script>``: no string in it can end or alter the script."""
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group(0)], text)
+
+
+def _fill_template(page: str, title: str, data: str) -> str:
+    """The page with its title (HTML-escaped) and data (script-safe JSON) in place.
+
+    One pass over the template: a title or data string that contains a placeholder's text is not
+    substituted again.
+    """
+    values = {"__TITLE__": html.escape(title), "/*__DATA__*/null": _script_json(data)}
+    return _PLACEHOLDERS.sub(lambda m: values[m.group(0)], page)
+
+
 def _check_out(out: str) -> None:
     if os.path.isdir(out):
         example = os.path.join(out, "report.html")
@@ -374,12 +400,8 @@ def build_report(
         '},"pics":', json.dumps(pics),
         ',"pairs":', json.dumps(_json_safe(pair_rows)), "}",
     ]
-    data = "".join(parts).replace("</", "<\\/")  # nothing in the JSON can close the inline script
     with open(_TEMPLATE, encoding="utf-8") as f:
-        page = f.read()
-    import html as _html
-
-    page = page.replace("__TITLE__", _html.escape(title)).replace("/*__DATA__*/null", data)
+        page = _fill_template(f.read(), title, "".join(parts))
     tmp = out + ".part"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
