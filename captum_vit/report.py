@@ -22,11 +22,12 @@ the model the store names (its weights are checked against the store's fingerpri
 from __future__ import annotations
 
 import base64
-import importlib
+import html
 import io
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -157,12 +158,25 @@ class _Images:
 
 
 # -- the two-class section ---------------------------------------------------------------------
-def _import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _registered_class(name: str, path: Any) -> type:
+    """The package's own attribution class a store names under ``name``; nothing else is imported.
+
+    A store is a file anyone may have edited: its class paths are only compared with the registered
+    classes, never imported, so an edited store cannot make the report run code of its choosing.
+    """
+    from captum_vit.attr import METHODS
+
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ReportError(f"--pairs: the store's method entry {name!r} -> {path!r} is not one of captum-vit's "
+                          f"methods ({', '.join(METHODS)}); the store was edited or written by another program: "
+                          "drop --pairs or evaluate again")
+    registered = f"{cls.__module__}.{cls.__qualname__}"
+    if path != registered:
+        raise ReportError(f"--pairs: the store's method entry {name!r} -> {path!r} is not the registered class "
+                          f"{registered!r}; the store was edited or written by another version of captum-vit: "
+                          "drop --pairs or evaluate again")
+    return cls
 
 
 def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequence[str], n: int,
@@ -170,6 +184,8 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
     from captum_vit.data import ShapesDataset
     from captum_vit.evaluate import weights_fingerprint
 
+    stored = fingerprint.get("methods", {})
+    classes = {name: _registered_class(name, stored.get(name)) for name in methods}  # before any work
     desc = fingerprint.get("dataset", {})
     if desc.get("class") != "ShapesDataset":
         raise ReportError("--pairs needs a store of the synthetic shapes benchmark (its two-class split has the same "
@@ -199,7 +215,7 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
                      "prob": [round(float(probs[i, c]), 4) for c in labels[i]], "pred": int(probs[i].argmax()),
                      "prob_pred": round(float(probs[i].max()), 4), "gt": gt, "m": {}})
     for name in methods:
-        explainer = _import_class(fingerprint["methods"][name])(model)
+        explainer = classes[name](model)
         maps = [explainer.attribute(x, target=labels[:, k]).detach().float().cpu() for k in range(2)]
         for i, row in enumerate(rows):
             row["m"][name] = []
@@ -212,6 +228,30 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
 # -- the page ---------------------------------------------------------------------------------
 def _column_json(v: np.ndarray, digits: int = 4) -> str:
     return "[" + ",".join("null" if not math.isfinite(x) else repr(round(x, digits)) for x in v.tolist()) + "]"
+
+
+# Characters that may not appear raw in JSON inside <script>: "<" could start "</script>" or "<!--" (which
+# changes how the HTML parser looks for the script's end), ">" and "&" for good measure, and U+2028/U+2029,
+# line terminators to older JavaScript engines. Each only occurs inside JSON strings, where a \u escape
+# stands for the same character, so the parsed data is unchanged.
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+_PLACEHOLDERS = re.compile(r"__TITLE__|/\*__DATA__\*/null")
+
+
+def _script_json(text: str) -> str:
+    """JSON text made safe to place inside an inline ``<script>``: no string in it can end or alter the script."""
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group(0)], text)
+
+
+def _fill_template(page: str, title: str, data: str) -> str:
+    """The page with its title (HTML-escaped) and data (script-safe JSON) in place.
+
+    One pass over the template: a title or data string that contains a placeholder's text is not
+    substituted again.
+    """
+    values = {"__TITLE__": html.escape(title), "/*__DATA__*/null": _script_json(data)}
+    return _PLACEHOLDERS.sub(lambda m: values[m.group(0)], page)
 
 
 def _check_out(out: str) -> None:
@@ -360,12 +400,8 @@ def build_report(
         '},"pics":', json.dumps(pics),
         ',"pairs":', json.dumps(_json_safe(pair_rows)), "}",
     ]
-    data = "".join(parts).replace("</", "<\\/")  # nothing in the JSON can close the inline script
     with open(_TEMPLATE, encoding="utf-8") as f:
-        page = f.read()
-    import html as _html
-
-    page = page.replace("__TITLE__", _html.escape(title)).replace("/*__DATA__*/null", data)
+        page = _fill_template(f.read(), title, "".join(parts))
     tmp = out + ".part"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)

@@ -65,6 +65,14 @@ REQUIRED_OUTPUTS = ("logits", "cam")
 OPTIONAL_OUTPUTS = ("cam_image",)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: The resize before the crop may make no side more than this many times the model's larger input side:
+#: beyond it the metadata or the image is absurd (a tiny crop_pct, a 4000 x 2 strip), and the resize would
+#: take gigabytes and minutes for a crop that is a sliver of it.
+MAX_RESIZE_FACTOR = 8
+#: Plausible normalisation constants for pixels scaled to [0, 1]: outside these the metadata is wrong (a
+#: std of 1e-300 becomes 0 in float32 and every input infinite; a mean of 1e300 likewise).
+STD_RANGE = (1e-3, 1e3)
+MEAN_RANGE = (-1.0, 2.0)
 
 
 class ExportFormatError(ValueError):
@@ -135,12 +143,27 @@ class ExportConfig:
 
         input_size = ints("input_size", 3)
         channels = input_size[0]
+        if channels not in (1, 3):
+            raise fail(f"metadata 'captum_vit.input_size' {list(input_size)}: the runtime reads images for 1 or 3 "
+                       "channels (L or RGB)")
         std = floats("std", channels)
         if any(s == 0 for s in std):
             raise fail(f"metadata 'captum_vit.std' has a zero: {list(std)}")
+        if not all(STD_RANGE[0] <= s <= STD_RANGE[1] for s in std):
+            raise fail(f"metadata 'captum_vit.std' should be between {STD_RANGE[0]:g} and {STD_RANGE[1]:g} per "
+                       f"channel (pixels are scaled to [0, 1] first), got {list(std)}; re-export the model")
+        mean = floats("mean", channels)
+        if not all(MEAN_RANGE[0] <= m <= MEAN_RANGE[1] for m in mean):
+            raise fail(f"metadata 'captum_vit.mean' should be between {MEAN_RANGE[0]:g} and {MEAN_RANGE[1]:g} per "
+                       f"channel (pixels are scaled to [0, 1] first), got {list(mean)}; re-export the model")
         crop_pct = get("crop_pct")
-        if not (_is_number(crop_pct) and 0 < crop_pct <= 10):
-            raise fail(f"metadata 'captum_vit.crop_pct' should be a positive number, got {crop_pct!r}")
+        if not (_is_number(crop_pct) and 0 < crop_pct <= 1):
+            raise fail(f"metadata 'captum_vit.crop_pct' should be a number in (0, 1] (the crop's share of the "
+                       f"resized image), got {crop_pct!r}")
+        if crop_pct < 1 / MAX_RESIZE_FACTOR:
+            raise fail(f"metadata 'captum_vit.crop_pct' is {crop_pct!r}: images would be resized to more than "
+                       f"{MAX_RESIZE_FACTOR}x the input size before the crop; it should be at least "
+                       f"{1 / MAX_RESIZE_FACTOR:g}")
         num_classes = get("num_classes")
         if not (type(num_classes) is int and num_classes > 0):
             raise fail(f"metadata 'captum_vit.num_classes' should be a positive integer, got {num_classes!r}")
@@ -156,7 +179,7 @@ class ExportConfig:
         return cls(
             method=choice("method", METHODS),
             input_size=input_size,  # type: ignore[arg-type]
-            mean=floats("mean", channels),
+            mean=mean,
             std=std,
             interpolation=choice("interpolation", tuple(PIL_FILTERS)),
             crop_pct=float(crop_pct),
@@ -224,10 +247,36 @@ def _center_crop_or_pad(img: Image.Image, crop_hw: Tuple[int, int], fill: Tuple[
     return img.crop((left, top, left + cw, top + ch))
 
 
-def _resize(img: Image.Image, size_hw: Tuple[int, int], interpolation: str) -> Image.Image:
+def _resize(img: Image.Image, size_hw: Tuple[int, int], interpolation: str,
+            input_hw: Optional[Tuple[int, int]] = None) -> Image.Image:
+    if input_hw is not None and max(size_hw) > MAX_RESIZE_FACTOR * max(input_hw):
+        raise CamInputError(f"the image is {img.size[0]}x{img.size[1]} (width x height); the preprocessing would "
+                            f"resize it to {size_hw[1]}x{size_hw[0]}, more than {MAX_RESIZE_FACTOR}x the model's "
+                            f"input {input_hw[1]}x{input_hw[0]}, for a crop of a sliver of it: crop or pad the "
+                            "image closer to the model's aspect ratio first")
     if img.size == (size_hw[1], size_hw[0]):
         return img
     return img.resize((size_hw[1], size_hw[0]), PIL_FILTERS[interpolation])
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images as 8-bit gray with the same brightness (``convert`` would saturate them)."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":  # 16-bit PNG/TIFF ("I" where older Pillow opens them so)
+        a = np.asarray(image).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise CamInputError(f"a {mode} integer image with values {a.min()}..{a.max()}, outside 0..65535: its "
+                                "bit depth is unknown; convert it to an 8- or 16-bit image first")
+        return Image.fromarray(((a * 2 + 257) // 514).astype(np.uint8))  # round(a / 257), exact in integers
+    if mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise CamInputError("a floating-point image (mode F) with NaN or infinite pixels; fix or replace it")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise CamInputError(f"a floating-point image (mode F) with values in [{a.min():g}, {a.max():g}]; "
+                                "expected [0, 1] (scaled by 255): rescale it to [0, 1] or save it as 8-bit")
+        return Image.fromarray(np.rint(a * 255).astype(np.uint8))
+    return image
 
 
 def preprocess_image(image: Image.Image, config: ExportConfig) -> Tuple[np.ndarray, np.ndarray]:
@@ -239,6 +288,10 @@ def preprocess_image(image: Image.Image, config: ExportConfig) -> Tuple[np.ndarr
     its ``floor(side / crop_pct)``, and the image is padded with the mean colour and centre-cropped.
     Then ``/ 255`` and ``(x - mean) / std`` per channel.
 
+    16-bit images (``I;16``, and ``I`` with values in 0..65535) are scaled by 1/257 and float images
+    (``F``, values in [0, 1]) by 255 to 8-bit first; other values, and a resize to more than
+    ``MAX_RESIZE_FACTOR`` times the input size (an extreme aspect ratio), raise :class:`CamInputError`.
+
     Args:
         image (PIL.Image.Image): any mode; converted to RGB (or L for one-channel models).
         config (ExportConfig): the export's preprocessing.
@@ -248,15 +301,15 @@ def preprocess_image(image: Image.Image, config: ExportConfig) -> Tuple[np.ndarr
         made from as ``[H, W, 3]`` uint8 (what the map lines up with).
     """
     c, h, w = config.input_size
-    img = image.convert("RGB" if c == 3 else "L")
+    img = _to_8_bit(image).convert("RGB" if c == 3 else "L")
     scale = (math.floor(h / config.crop_pct), math.floor(w / config.crop_pct))
     if config.crop_mode == "squash":
-        img = _resize(img, scale, config.interpolation)
+        img = _resize(img, scale, config.interpolation, (h, w))
         img = _center_crop_or_pad(img, (h, w), (0,) * c)
     elif config.crop_mode == "border":
         ratio = max(img.size[1] / scale[0], img.size[0] / scale[1])
-        img = _resize(img, (round(img.size[1] / ratio), round(img.size[0] / ratio)), config.interpolation)
-        fill = tuple(round(255 * m) for m in config.mean)
+        img = _resize(img, (round(img.size[1] / ratio), round(img.size[0] / ratio)), config.interpolation, (h, w))
+        fill = tuple(min(max(round(255 * m), 0), 255) for m in config.mean)  # a pixel value
         img = _center_crop_or_pad(img, (h, w), fill)
     else:
         iw, ih = img.size
@@ -267,7 +320,7 @@ def preprocess_image(image: Image.Image, config: ExportConfig) -> Tuple[np.ndarr
         else:
             ratio = min(ih / scale[0], iw / scale[1])
             size = (round(ih / ratio), round(iw / ratio))
-        img = _resize(img, size, config.interpolation)
+        img = _resize(img, size, config.interpolation, (h, w))
         img = _center_crop_or_pad(img, (h, w), (0,) * c)
     pixels = np.asarray(img, dtype=np.uint8)
     if pixels.ndim == 2:
@@ -450,6 +503,13 @@ class CamSession:
                                 "(use preprocess_image / preprocess_files)")
         if images.shape[0] == 0:
             raise CamInputError("images is an empty batch")
+        finite = np.isfinite(images)
+        if not finite.all():
+            bad = ~finite
+            first = int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
+            raise CamInputError(f"images contain NaN or infinite values ({int(bad.sum())} of them, first in image "
+                                f"{first}): such a map would mean nothing; check how the batch was made "
+                                "(preprocess_image gives finite values)")
         return np.ascontiguousarray(images)
 
     def check_targets(self, targets: Union[None, int, Sequence[int], np.ndarray], batch: int) -> np.ndarray:
@@ -565,6 +625,12 @@ class CamSession:
                 with Image.open(p) as im:
                     im.load()
                     x, view = self.preprocess(im)
+            except Image.DecompressionBombError as e:
+                raise CamInputError(f"{os.fspath(p)}: the image has more pixels than Pillow allows ({e}); it may be "
+                                    "a decompression bomb: downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                                    "if you trust the file") from e
+            except CamInputError as e:  # read, but not usable as it is
+                raise CamInputError(f"{os.fspath(p)}: {e}") from e
             except (OSError, SyntaxError, ValueError) as e:  # missing, unreadable or not an image
                 raise CamInputError(f"{os.fspath(p)}: cannot read it as an image ({e})") from e
             batch.append(x)
@@ -608,6 +674,18 @@ class CamSession:
         return records
 
 
+def _printable(text: object) -> str:
+    """``text`` with control and other unprintable characters escaped as ``repr`` does (``\\x1b``, ``\\u2028``).
+
+    Class names and file names come from files anyone may have written; raw, an escape sequence in one
+    would recolour or rewrite the user's terminal.
+    """
+    out = []
+    for ch in str(text):
+        out.append(ch if ch.isprintable() else repr(ch)[1:-1])
+    return "".join(out)
+
+
 def _unique_stems(paths: Sequence[Union[str, os.PathLike]]) -> List[str]:
     stems = [os.path.splitext(os.path.basename(os.fspath(p)))[0] for p in paths]
     taken = set(stems)
@@ -643,15 +721,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cams = CamSession(args.model, device="cpu" if args.cpu else "auto")
         records = cams.explain_files(args.images, args.out, target=args.target, batch_size=args.batch_size)
     except (ExportFormatError, CamInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_printable(e)}", file=sys.stderr)
         return 2
     for r in records:
-        name = f" ({r['predicted_name']})" if r["predicted_name"] is not None else ""
+        name = f" ({_printable(r['predicted_name'])})" if r["predicted_name"] is not None else ""
         explained = ""
         if r["explained"] != r["predicted"]:
-            ename = f" ({r['explained_name']})" if r["explained_name"] is not None else ""
+            ename = f" ({_printable(r['explained_name'])})" if r["explained_name"] is not None else ""
             explained = f", explained class {r['explained']}{ename}"
-        print(f"{r['path']}: class {r['predicted']}{name} p={r['probability']:.4f}{explained} -> {r['overlay']}")
+        print(f"{_printable(r['path'])}: class {r['predicted']}{name} p={r['probability']:.4f}{explained} -> "
+              f"{_printable(r['overlay'])}")
     return 0
 
 

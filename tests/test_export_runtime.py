@@ -5,6 +5,7 @@ from its file, as a deployment would.
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -248,6 +249,10 @@ def test_overlay_matches_library_overlay():
     (np.zeros((2, 3, H, W), np.float32), NUM_CLASSES + 3, "out of range"),
     (np.zeros((2, 3, H, W), np.float32), [0.0, 1.0], "integers"),
     (np.zeros((2, 3, H, W), np.float32), [True, False], "integers"),
+    (np.pad(np.full((1, 3, 1, 2), np.nan, np.float32), ((0, 1), (0, 0), (4, H - 5), (6, W - 8))), None,
+     r"NaN or infinite values \(6 of them, first in image 0\)"),
+    (np.concatenate([np.zeros((1, 3, H, W), np.float32), np.full((1, 3, H, W), np.inf, np.float32)]), None,
+     "first in image 1"),
 ])
 def test_bad_inputs_raise_before_running(cams, monkeypatch, images, targets, match):
     def must_not_run(*args, **kwargs):
@@ -311,6 +316,16 @@ def _plain_onnx(path):
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.method": "gradcam"}), "'gradcam'"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.mean": "[0.5, 0.5"}), "not JSON"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.std": "[0.5, 0, 0.5]"}), "zero"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.std": "[1e-300, 0.2, 0.2]"}),
+     r"'captum_vit.std' should be between 0.001 and 1000"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.std": "[0.2, -0.2, 0.2]"}), "std"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.mean": "[1e300, 0.4, 0.4]"}),
+     r"'captum_vit.mean' should be between -1 and 2"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.crop_pct": "1e-9"}),
+     r"crop_pct' is 1e-09.*at least 0.125"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.crop_pct": "1.5"}), r"in \(0, 1\]"),
+    (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.input_size": "[2, 32, 48]"}),
+     "1 or 3 channels"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.crop_mode": "random"}), "crop_mode"),
     (lambda g, d: _with_metadata(g, str(d / "m.onnx"), **{"captum_vit.num_classes": "4",
                                                             "captum_vit.class_names": None}), "'logits' has shape"),
@@ -460,3 +475,71 @@ def test_cli_errors_without_torch(graph, tmp_path):
     done = _cli_without_torch(tmp_path / "plain.onnx", tmp_path / "one.png", "--out", tmp_path / "out")
     assert done.returncode == 2 and "not a captum-vit export" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile inputs: absurd resizes, images beyond Pillow's pixel limit, high bit depths, control characters.
+
+
+def _no_run(cams, monkeypatch):
+    monkeypatch.setattr(cams.session, "run_with_iobinding", lambda *a, **k: pytest.fail("the session ran"))
+
+
+def test_extreme_aspect_ratio_is_refused_before_a_huge_resize(cams, tmp_path, monkeypatch):
+    _no_run(cams, monkeypatch)
+    write_image(tmp_path / "strip.png", size=(4000, 2))  # center mode: height to 36 would make it 72000 wide
+    with pytest.raises(rt.CamInputError, match=r"strip.png: .*4000x2.*72000x36.*more than 8x"):
+        cams.explain_files([tmp_path / "strip.png"], tmp_path / "out")
+    write_image(tmp_path / "ok.png", size=(190, 20))  # 342 x 36: within bounds, preprocessed as usual
+    x, views = cams.preprocess_files([tmp_path / "ok.png"])
+    assert x.shape == (1, 3, H, W) and np.isfinite(x).all()
+
+
+def test_decompression_bomb_is_a_clear_input_error(cams, tmp_path, monkeypatch):
+    _no_run(cams, monkeypatch)
+    write_image(tmp_path / "bomb.png", size=(70, 53))
+    monkeypatch.setattr(rt.Image, "MAX_IMAGE_PIXELS", 1000)  # 3710 pixels: over twice the limit
+    with pytest.raises(rt.CamInputError, match=r"bomb.png: .*more pixels than Pillow allows.*MAX_IMAGE_PIXELS"):
+        cams.preprocess_files([tmp_path / "bomb.png"])
+
+
+def test_16_bit_and_float_images_keep_their_brightness(cams, tmp_path):
+    rng = np.random.default_rng(7)
+    gray8 = rng.integers(0, 256, (53, 70), dtype=np.uint8)
+    Image.fromarray(gray8).save(tmp_path / "eight.png")
+    # 16-bit: v * 257 is the same brightness; + 100 (< 257 / 2) still rounds back to v
+    Image.fromarray((gray8.astype(np.uint16) * 257 + np.where(gray8 < 255, 100, 0)).astype(np.uint16)).save(
+        tmp_path / "sixteen.png")
+    Image.fromarray(gray8.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16" and Image.open(tmp_path / "float.tiff").mode == "F"
+    x, views = cams.preprocess_files([tmp_path / "eight.png", tmp_path / "sixteen.png", tmp_path / "float.tiff"])
+    np.testing.assert_array_equal(x[1], x[0])
+    np.testing.assert_array_equal(x[2], x[0])
+    np.testing.assert_array_equal(views[1], views[0])
+    assert 50 < views[1].mean() < 200  # not saturated to white
+    # older Pillow opens 16-bit PNGs as 32-bit "I": the same values, the same result
+    x32, _ = cams.preprocess(Image.fromarray(gray8.astype(np.int32) * 257))
+    np.testing.assert_array_equal(x32, x[0])
+
+
+@pytest.mark.parametrize("values, match", [
+    (np.full((20, 30), 1.5, np.float32), r"values in \[1.5, 1.5\]; expected \[0, 1\]"),
+    (np.where(np.eye(20, 30) > 0, np.nan, 0.5).astype(np.float32), "NaN or infinite"),
+    (np.full((20, 30), -70000, np.int32), "outside 0..65535"),
+])
+def test_float_and_integer_images_out_of_range_are_refused(cams, tmp_path, monkeypatch, values, match):
+    _no_run(cams, monkeypatch)
+    path = tmp_path / "bad.tiff"
+    Image.fromarray(values).save(path)
+    with pytest.raises(rt.CamInputError, match=f"{path.name}: .*{match}"):
+        cams.explain_files([path], tmp_path / "out")
+
+
+def test_cli_escapes_control_characters_in_class_names(graph, tmp_path):
+    names = [f"c{k}\x1b[31m\u2028" for k in range(NUM_CLASSES)]
+    path = _with_metadata(graph[0], str(tmp_path / "m.onnx"), **{"captum_vit.class_names": json.dumps(names)})
+    write_image(tmp_path / "one.png", (80, 50), seed=4)
+    done = _cli_without_torch(path, tmp_path / "one.png", "--out", tmp_path / "out", "--target", "2")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\u2028" not in done.stdout
+    assert r"(c2\x1b[31m\u2028)" in done.stdout and "explained class 2" in done.stdout

@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shutil
+import sys
+from html import unescape
 
 import h5py
 import numpy as np
@@ -72,8 +74,9 @@ class _Page:
     def __init__(self, browser, path):
         self.url = "file://" + os.path.abspath(path)
         self.page = browser.new_page(viewport={"width": 1280, "height": 900})
-        self.errors, self.requests = [], []
+        self.errors, self.requests, self.dialogs = [], [], []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.goto(self.url)
@@ -86,7 +89,7 @@ class _Page:
         return int(self.page.inner_text("#count"))
 
     def check_clean(self):
-        assert self.errors == []
+        assert self.errors == [] and self.dialogs == []
         assert all(u == self.url or u.startswith("data:") for u in self.requests), self.requests
 
 
@@ -154,7 +157,7 @@ def test_page_in_chromium_matches_the_store(report, browser):
 
 
 def _data(html):
-    return json.loads(re.search(r"const D = (\{.*?\});\n", html, re.S).group(1).replace("<\\/", "</"))
+    return json.loads(re.search(r"const D = (\{.*?\});\n", html, re.S).group(1))
 
 
 def test_page_is_self_contained(report):
@@ -266,3 +269,118 @@ def test_evaluate_report_flag(tmp_path, capsys):
     meta = _data(html)["meta"]
     assert meta["classes"][:2] == ["disk", "square"] and meta["n_images"] == 4 and meta["complete"]
     assert meta["run"]["model"] == "shapes_vit" and meta["n_pictures"] == 4
+
+
+# -- hostile stores ----------------------------------------------------------------------------
+def _edited_store(src_dir, dst_dir, fingerprint=None, run=None):
+    """A copy of a store with its fingerprint and/or run information changed (``fn(dict) -> None``).
+
+    The one place that edits a store's attributes directly, as someone with the file could.
+    """
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(str(dst_dir), "results.h5")
+    shutil.copy(os.path.join(str(src_dir), "results.h5"), dst)
+    with h5py.File(dst, "a") as f:
+        for key, edit in (("fingerprint", fingerprint), ("run", run)):
+            if edit is not None:
+                value = json.loads(f.attrs[key]) if key in f.attrs else {}
+                edit(value)
+                f.attrs[key] = json.dumps(value, sort_keys=True)
+    return str(dst_dir)
+
+
+@pytest.mark.parametrize("path", ["os.system", "hostile_marker_module.Explainer",
+                                  "captum_vit.attr.rollout.AttentionRollout"])
+def test_pairs_instantiate_only_the_registered_methods(store, tmp_path, monkeypatch, path):
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "hostile_marker_module.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n"
+        "class Explainer:\n"
+        f"    def __init__(self, model):\n        open({str(marker)!r}, 'w').write('constructed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a: called.append(a) or 0)
+
+    def edit(fp):
+        fp["methods"]["agcam"] = path  # rollout's class under agcam's name is refused too
+
+    edited = _edited_store(store["dir"], tmp_path / "edited", fingerprint=edit)
+    with pytest.raises(ReportError, match=r"'agcam'.*" + re.escape(repr(path))):
+        build_report(edited, str(tmp_path / "r.html"), pairs=1, model=store["model"])
+    assert not marker.exists() and called == []
+    assert "hostile_marker_module" not in sys.modules
+    assert not os.path.exists(tmp_path / "r.html")
+
+
+# Strings that would end the inline script, open an HTML comment, break out of an attribute, colour a
+# terminal or end a JavaScript line, placed where a store's strings come from: class names (the dataset),
+# the dataset's folder (the fingerprint) and the run information.
+HOSTILE = ["<!--", "</script><script>alert(1)</script>", "\"'&amp;&", "\x1b[31mred", "a\u2028b\u2029c",
+           "x/*__DATA__*/null __TITLE__"]
+HOSTILE_MODEL = " ".join(HOSTILE)
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    from captum_vit.data import CUBTest
+    from test_datasets import _write_image
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = os.path.join(str(tmp), *HOSTILE)  # "</script>..." makes nested folders: still one path
+    base = os.path.join(root, "CUB_200_2011")
+    items = [(f"c{k}/{k}.jpg", k + 1) for k in range(len(HOSTILE))]  # one test image per class
+    for k, (rel, _) in enumerate(items):
+        _write_image(os.path.join(base, "images", *rel.split("/")), (40 + 4 * k, 36), seed=k)
+
+    def table(name, rows):
+        with open(os.path.join(base, name), "w", encoding="utf-8") as f:
+            f.write("".join(" ".join(str(v) for v in r) + "\n" for r in rows))
+
+    table("images.txt", [(k + 1, rel) for k, (rel, _) in enumerate(items)])
+    table("image_class_labels.txt", [(k + 1, c) for k, (_, c) in enumerate(items)])
+    table("train_test_split.txt", [(k + 1, 0) for k in range(len(items))])
+    table("bounding_boxes.txt", [(k + 1, 2.0, 3.0, 20.0, 20.0) for k in range(len(items))])
+    table("classes.txt", [(k + 1, name) for k, name in enumerate(HOSTILE)])
+    ds = CUBTest(root, input_size=64)
+    assert ds.classes == HOSTILE  # the fixture really puts the strings in the class names
+    model = make_timm("plain")
+    folder = str(tmp / "store")
+    os.mkdir(folder)
+    evaluate(model, ds, ",".join(METHODS), store=os.path.join(folder, "results.h5"), progress=False, batch_size=8,
+             run_info={"dataset": "cub", "root": root, "model": HOSTILE_MODEL, "checkpoint": HOSTILE_MODEL})
+    out = str(tmp / "report.html")
+    info = build_report(folder, out, per_score=1, sample=len(HOSTILE))
+    assert info["notes"] == [] and info["n_pictures"] == len(HOSTILE)  # the images were rebuilt: names in use
+    return {"path": out, "root": root}
+
+
+def test_hostile_strings_stay_data_in_the_html(hostile_report):
+    html = open(hostile_report["path"], encoding="utf-8").read()
+    assert html.count("</script") == 1 and "<!--" not in html  # the template's own closing tag only
+    script = html[html.index("const D = "):html.index("</script>")]
+    assert not set(script) & {"\u2028", "\u2029"}
+    data = re.search(r"const D = (\{.*?\});\n", html, re.S).group(1)
+    assert not set(data) & set("<>&")
+    parsed = json.loads(data)
+    assert parsed["meta"]["classes"] == HOSTILE
+    assert parsed["meta"]["run"]["model"] == HOSTILE_MODEL == parsed["meta"]["run"]["checkpoint"]
+    assert parsed["meta"]["dataset"]["root"] == hostile_report["root"]
+    assert HOSTILE_MODEL in parsed["meta"]["title"]
+    title = re.search(r"<title>(.*?)</title>", html, re.S).group(1)
+    assert "<" not in title and unescape(title) == parsed["meta"]["title"]
+
+
+def test_hostile_strings_show_as_text_in_chromium(hostile_report, browser):
+    view = _Page(browser, hostile_report["path"])
+    page = view.page
+    assert len(view.rows()) == view.count() == len(HOSTILE)  # the table is there
+    assert page.evaluate("document.scripts.length") == 1
+    text = "el => el.textContent"
+    assert HOSTILE_MODEL in page.eval_on_selector("#title", text)
+    assert HOSTILE_MODEL in page.eval_on_selector("#subtitle", text)
+    assert HOSTILE_MODEL in page.eval_on_selector("title", text)
+    shown = page.eval_on_selector_all("#grid tbody tr.row .info b", "bs => bs.map(b => b.textContent)")
+    assert set(HOSTILE) <= set(shown)  # every class name, literally, as the true or predicted class
+    options = page.eval_on_selector_all("#filter-class option", "os => os.map(o => o.textContent)")
+    assert sorted(options[1:]) == sorted(f"{name} (1)" for name in HOSTILE)
+    view.check_clean()
