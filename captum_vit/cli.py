@@ -49,6 +49,81 @@ def overlay_stems(images: List[str]) -> List[str]:
     return stems
 
 
+def _image_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be an image file (a folder, a missing path), or ``None``."""
+    if os.path.isdir(path):
+        return (f"{path!r} is a folder, not an image file; give the images in it instead "
+                f"(e.g. {os.path.join(path, '*.png')})")
+    if not os.path.exists(path):
+        return f"image file {path!r} does not exist; check the path"
+    return None
+
+
+def _read_image(path: str, cfg: dict):
+    """One image file as a ``[1, C, H, W]`` tensor; every failure is a ``ValueError`` naming the file."""
+    from PIL import Image
+
+    from captum_vit.models import preprocess_images
+
+    problem = _image_problem(path)
+    if problem:
+        raise ValueError(problem)
+    try:
+        return preprocess_images([path], cfg)[0]
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path!r} is too large to decode safely ({str(e).split(',')[0]}); downscale it first, "
+                         "e.g. to the model's input size") from e
+    except (ValueError, OSError) as e:
+        msg = str(e) or type(e).__name__
+        raise ValueError(msg if path in msg else f"could not read {path!r} as an image ({msg})") from e
+
+
+def _check_out_folder(out: str) -> None:
+    """Refuse an ``--out`` that cannot become a writable folder, before any work is done."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file, not a folder; give a folder path (created if missing)")
+    anc = os.path.abspath(out)
+    while not os.path.exists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise ValueError(f"--out {out!r} cannot be created: {anc!r} is a file, not a folder; give a folder path "
+                         "that is not inside a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r} is not writable ({anc!r} does not allow writing); give a folder you can "
+                         "write to, or change its permissions")
+
+
+def _make_out_folder(out: str) -> None:
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".captum_vit_probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} is not writable ({e.strerror or e}); give a folder you can write to, or "
+                         "change its permissions") from e
+
+
+def _check_json_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; give the file to write, e.g. "
+                         f"{os.path.join(path, 'results.json')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"the folder of --json {path!r} ({folder!r}) is not an existing folder; create it first or "
+                         "give another path")
+
+
+def _nonfinite_warning(path: str, logits_ok: bool) -> str:
+    if not logits_ok:
+        return (f"{path}: the logits are NaN or infinite, so the prediction and the map mean nothing; no overlay "
+                "written; check the checkpoint's weights for NaN/inf values and the input scaling")
+    return (f"{path}: the map has NaN or infinite values (the logits are finite), so it means nothing; no overlay "
+            "written; the model's activations overflow on this image: check the weights and the input scaling")
+
+
 def explain(
     images: List[str],
     model: str,
@@ -60,58 +135,133 @@ def explain(
     device: str = "cpu",
     batch_size: int = 16,
     method: str = "agcam",
+    on_error: str = "raise",
+    json_path: Optional[str] = None,
 ) -> List[dict]:
     """Explain image files with one method; write one overlay PNG per image. Returns one record per image.
 
     Overlays are named ``<stem>_<method>_class<c>.png`` after the image file; images whose stems
     coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`overlay_stems`).
     ``method`` is a short name of :data:`captum_vit.attr.METHODS` (``agcam``, ``rollout``,
-    ``lrp``, ``gae``, ``cdam``, ``raw``).
+    ``lrp``, ``gae``, ``cdam``, ``raw``). Images are explained ``batch_size`` at a time.
+
+    ``on_error="raise"`` stops at the first unreadable image (``ValueError`` naming it);
+    ``"skip"`` reports it on stderr, counts it and explains the others. A record whose logits or
+    map hold NaN or infinite values has ``"finite": False``, no overlay and a warning on stderr.
+    ``json_path``: also write the records, the skipped files and the counts there (NaN as null).
     """
+    import torch
+
     from captum_vit.attr import METHODS
-    from captum_vit.models import load_model, preprocess_images
+    from captum_vit.models import load_model
     from captum_vit.viz import save_overlay
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is an existing file, not a folder; give a folder path (created if missing)")
-    net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
-                                 device=device)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer of at least 1, got {batch_size!r}")
+    if not images:
+        raise ValueError("no image files given; pass one or more image paths")
+    _check_out_folder(out)
+    if json_path is not None:
+        _check_json_path(json_path)
+    if on_error == "raise":  # missing files and folders are found before the model is loaded
+        for path in images:
+            problem = _image_problem(path)
+            if problem:
+                raise ValueError(f"{problem} (or pass --on-error skip to explain the other images)")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+                                 device=device)
     explainer = METHODS[method](net)
-    os.makedirs(out, exist_ok=True)
+    _make_out_folder(out)
     stems = overlay_stems(images)
-    records = []
+    records, skipped = [], []
     for start in range(0, len(images), batch_size):
-        paths = images[start : start + batch_size]
-        x, _ = preprocess_images(paths, cfg)
-        x = x.to(device)
+        batch, idx = [], []
+        for j in range(start, min(start + batch_size, len(images))):
+            try:
+                batch.append(_read_image(images[j], cfg))
+            except ValueError as e:
+                if on_error == "raise":
+                    raise ValueError(f"{e}; fix or remove the file, or pass --on-error skip to explain the other "
+                                     "images") from e
+                skipped.append({"image": images[j], "error": str(e)})
+                print(f"captum-vit explain: skipped {images[j]}: {e}", file=sys.stderr)
+                continue
+            idx.append(j)
+        if not batch:
+            continue
+        x = torch.cat(batch).to(device)
         # one forward per batch: the method returns the logits of the forward it explains
         cams, logits = explainer.attribute(x, target=target, return_logits=True)
-        probs = logits.detach().float().softmax(-1)
+        logits = logits.detach().float()
+        probs = logits.softmax(-1)
         pred = probs.argmax(-1)
-        for i, path in enumerate(paths):
-            c = int(pred[i]) if target is None else int(target)
-            png = os.path.join(out, f"{stems[start + i]}_{method}_class{c}.png")
-            save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].detach().cpu())
-            p = int(pred[i])
+        for i, j in enumerate(idx):
+            path = images[j]
+            logits_ok = bool(logits[i].isfinite().all())
+            finite = logits_ok and bool(cams[i].detach().isfinite().all())
+            p = int(pred[i]) if logits_ok else None
+            c = p if target is None else int(target)
             rec = {
-                "image": path, "predicted": p, "predicted_name": names[p] if names else None,
-                "probability": float(probs[i, p]), "target": c, "target_probability": float(probs[i, c]),
-                "overlay": png,
+                "image": path, "predicted": p, "predicted_name": names[p] if names and p is not None else None,
+                "probability": float(probs[i, p]) if p is not None else float("nan"), "target": c,
+                "target_probability": float(probs[i, c]) if c is not None else float("nan"),
+                "overlay": None, "finite": finite,
             }
             records.append(rec)
+            if not finite:
+                # a map computed from NaNs must not look like a result: no picture, a flag and a warning
+                print(f"captum-vit explain: warning: {_nonfinite_warning(path, logits_ok)}", file=sys.stderr)
+                continue
+            png = os.path.join(out, f"{stems[j]}_{method}_class{c}.png")
+            try:
+                save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].detach().cpu())
+            except OSError as e:
+                raise ValueError(f"could not write the overlay {png!r} ({e.strerror or e}); free disk space or give "
+                                 "another --out folder") from e
+            rec["overlay"] = png
             name = f" ({rec['predicted_name']})" if names else ""
             line = f"{path}: predicted class {p}{name}, p={rec['probability']:.3f}"
             if target is not None:
                 line += f"; explained class {c}, p={rec['target_probability']:.3f}"
             print(f"{line} -> {png}")
+    n_bad = sum(not r["finite"] for r in records)
+    if json_path is not None:
+        _write_json(json_path, {
+            "model": model, "checkpoint": checkpoint, "method": method, "target": target, "images": records,
+            "skipped": skipped, "n_explained": len(records), "n_skipped": len(skipped), "n_nonfinite": n_bad,
+        })
+    summary = f"{len(records)} images explained, {len(skipped)} skipped"
+    if n_bad:
+        summary += f", {n_bad} with NaN or infinite logits or maps (no overlay)"
+    print(summary + (f"; wrote {json_path}" if json_path else ""))
+    if not records:
+        raise ValueError(f"none of the {len(images)} image files could be read (see the messages above); give "
+                         "readable image files")
     return records
 
 
-def _cmd_explain(a: argparse.Namespace) -> None:
-    explain(a.images, a.model, a.checkpoint, a.pretrained, a.num_classes, a.target, a.out, a.device,
-            method=a.method)
+def _write_json(path: str, data: dict) -> None:
+    import json
+
+    from captum_vit.demo import _json_safe
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(data), f, indent=2)
+    except OSError as e:
+        raise ValueError(f"could not write --json {path!r} ({e.strerror or e}); give a file path you can write "
+                         "to") from e
+
+
+def _cmd_explain(a: argparse.Namespace) -> int:
+    records = explain(a.images, a.model, a.checkpoint, a.pretrained, a.num_classes, a.target, a.out, a.device,
+                      batch_size=a.batch_size, method=a.method, on_error=a.on_error, json_path=a.json)
+    # NaN or infinite results were warned about per image; the exit status says so to scripts too
+    return 1 if any(not r["finite"] for r in records) else 0
 
 
 def export(
@@ -192,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
                    help="output folder, created if missing (default: captum_vit_out)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="an unreadable image: stop naming the file, or skip it, report it and count it "
+                        "(default: raise)")
+    p.add_argument("--json", metavar="FILE", help="also write the records (prediction, probabilities, overlay, "
+                   "finite), the skipped files and the counts to FILE")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("export", help="export a model with AGCAM (or rollout, raw) to one ONNX graph")
@@ -255,7 +411,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
         print(f"captum-vit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -32,8 +32,14 @@ def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"checkpoint {path!r} does not hold a state dict of tensors")
+    fix = "re-save it with torch.save(model.state_dict(), path)"
+    if not isinstance(obj, dict):
+        raise RuntimeError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state dict (a dict of "
+                           f"parameter name -> tensor); {fix}")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise RuntimeError(f"checkpoint {path!r} is not a state dict of tensors (its entry {str(bad)!r} is a "
+                           f"{type(obj[bad]).__name__}); {fix}")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -74,6 +80,8 @@ def load_model(
                              "architecture)")
         from captum_vit.zoo import SHAPES_CLASSES, shapes_vit
 
+        if checkpoint:
+            load_checkpoint_state(checkpoint)  # the same clear errors as for timm models, before the zoo loads it
         model, cfg = shapes_vit(checkpoint=checkpoint, device=device)
         return model, cfg, list(SHAPES_CLASSES)
 
@@ -113,7 +121,9 @@ def load_model(
 def data_config_for(model: nn.Module) -> Dict[str, Any]:
     """The model's eval preprocessing as a timm data config (``input_size``, ``mean``, ``std``, ...).
 
-    timm models: timm's own resolution. Hugging Face ViTs: a square resize to
+    timm models: timm's own resolution, with the input size the model was built for
+    (``patch_embed.img_size``; timm takes it from the pretrained config, which a model created
+    with another ``img_size`` does not match). Hugging Face ViTs: a square resize to
     ``config.image_size`` with mean = std = 0.5, as their image processor does.
     """
     if type(model).__name__ == "ViTForImageClassification":
@@ -123,7 +133,12 @@ def data_config_for(model: nn.Module) -> Dict[str, Any]:
                 "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "squash"}
     from timm.data import resolve_data_config
 
-    return resolve_data_config(model=model)
+    cfg = resolve_data_config(model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
+    return cfg
 
 
 def class_names(model: nn.Module) -> Optional[List[str]]:

@@ -128,6 +128,8 @@ def export_onnx(
     graph = _ExportGraph(explainer, cam_image, fp16).eval()
     ref = next(adapter.model.parameters())
     image = torch.zeros(2, c, h, w, device=ref.device)
+    # a data config the model cannot take (another input size) fails here with the reason, not in the trace
+    adapter.check_input(image)
     target = torch.tensor([0, -1], device=ref.device)
     outputs = ["logits", "cam"] + (["cam_image"] if cam_image else [])
     dynamic = {name: {0: "batch"} for name in ["image", "target"] + outputs}

@@ -126,3 +126,32 @@ def test_cli_export_defaults_to_the_shipped_model(tmp_path, capsys):
     assert meta["captum_vit.method"] == "raw"
     assert main(["export", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_export_takes_the_input_size_the_model_was_built_for(tmp_path):
+    import timm
+
+    from captum_vit.models import data_config_for
+    from conftest import _perturb
+
+    torch.manual_seed(0)
+    # timm's pretrained config says 224; the model takes 160 only
+    model = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=160, num_classes=5,
+                                       depth=2)).eval()
+    assert data_config_for(model)["input_size"] == (3, 160, 160)
+    path = export_onnx(model, str(tmp_path / "m.onnx"))
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(meta["captum_vit.input_size"]) == [3, 160, 160]
+    assert json.loads(meta["captum_vit.grid"]) == [10, 10]
+    x = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(4))
+    logits, cam = _run(path, x, [1, -1, 4])
+    with torch.no_grad():
+        eager_logits = model(x)
+    t = torch.tensor([1, int(eager_logits[1].argmax()), 4])
+    eager = AGCAM(model).attribute(x, target=t)[:, 0]
+    assert eager.abs().max() > 0
+    assert _rel(logits, eager_logits) <= 1e-4
+    assert _rel(cam, eager) <= 1e-4
+    # a data config for another size is refused with the reason, not timm's assertion from inside the trace
+    with pytest.raises(ValueError, match="does not match the model's fixed input size 160x160"):
+        export_onnx(model, str(tmp_path / "bad.onnx"), data_config=_config(torch.zeros(1, 3, 224, 224)))
