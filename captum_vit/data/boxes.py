@@ -255,9 +255,14 @@ class AnnotatedImageDataset(torch.utils.data.Dataset):
         on_error: ``"raise"`` (default) or ``"skip"``.
         verify_images: decode every image at construction, so that with ``on_error="skip"`` corrupt
             images are skipped before indices are assigned.
+
+    Subclasses set ``classes`` (``classes[label]`` names a label) and ``num_classes``, the number
+    of classes labels index into (labels lie in ``0..num_classes - 1``), so that a model whose
+    head has fewer outputs can be refused before any compute.
     """
 
     classes: List[str]
+    num_classes: int
 
     def __init__(self, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,

@@ -121,6 +121,8 @@ class ImageNetVal(AnnotatedImageDataset):
         >>> sample["boxes"]             # LongTensor[K, 4], inclusive, in the 224 x 224 input
     """
 
+    num_classes = len(IMAGENET_WNIDS)
+
     def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
                  interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False) -> None:
@@ -156,8 +158,6 @@ class ImageNetVal(AnnotatedImageDataset):
             raise FileNotFoundError(f"no images in {data_dir}{ignored}: expected <wnid>/*.JPEG with {_ANN}/*.xml, "
                                     f"or *.JPEG with {_CSV}")
         self._finish_init(records)
-
-    num_classes = len(IMAGENET_WNIDS)
 
     @staticmethod
     def _class_dirs(data_dir: str, entries: List[str]) -> Tuple[List[str], List[str]]:
@@ -197,20 +197,18 @@ class ImageNetVal(AnnotatedImageDataset):
         found: Dict[str, List[Tuple[str, str]]] = {}  # image id -> [(wnid, file name)]
         for wnid in class_dirs:
             folder = os.path.join(data_dir, wnid)
-            try:
-                if _loops_back(folder, data_dir):
-                    raise DatasetFileError(folder, f"symbolic link loop: it resolves to {os.path.realpath(folder)}, "
-                                                   f"which holds {data_dir} itself; remove the link")
-                if wnid not in _INDEX:
-                    raise DatasetFileError(folder, _unknown_wnid(wnid))
-            except DatasetFileError as e:
-                if self.on_error == "raise" or wnid in _INDEX or not os.path.isdir(folder):
-                    self._fail(e)
-                else:
-                    # an unknown class: each of its images is a sample left out
-                    for name in sorted(os.listdir(folder)):
-                        if _is_image(name):
-                            self.skipped.append((os.path.join(folder, name), e.reason))
+            if _loops_back(folder, data_dir):
+                # listing it would read the data folder (or a parent) as one class
+                self._fail(DatasetFileError(folder, f"symbolic link loop: it resolves to {os.path.realpath(folder)}, "
+                                                    f"which holds {data_dir} itself; remove the link"))
+                continue
+            if wnid not in _INDEX:
+                err = DatasetFileError(folder, _unknown_wnid(wnid))
+                if self.on_error == "raise":
+                    raise err
+                # each image of an unknown class is a sample left out, counted as such
+                self.skipped.extend((os.path.join(folder, name), err.reason)
+                                    for name in sorted(os.listdir(folder)) if _is_image(name))
                 continue
             for name in sorted(os.listdir(folder)):
                 if _is_image(name):
