@@ -319,3 +319,13 @@ def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
         load_rgb(path)
     with pytest.raises(ValueError, match=r"big\.png.*too large"):
         preprocess_images([path], _cfg(64))
+
+
+def test_voc_id_listed_twice_is_named_or_skipped(tmp_path):
+    root = _voc(str(tmp_path))
+    listing = os.path.join(root, "VOC2012", "ImageSets", "Main", "val.txt")
+    _write_lines(listing, _lines(listing) + ["2012_000003"])
+    with pytest.raises(DatasetFileError, match=r"val\.txt.*2012_000003 listed twice"):
+        VOCSingleClass(root, input_size=S)
+    ds = VOCSingleClass(root, input_size=S, on_error="skip")
+    assert len(ds) == 2 and len(ds.skipped) == 1  # the image is kept once, not weighed twice
