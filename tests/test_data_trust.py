@@ -329,3 +329,13 @@ def test_voc_id_listed_twice_is_named_or_skipped(tmp_path):
         VOCSingleClass(root, input_size=S)
     ds = VOCSingleClass(root, input_size=S, on_error="skip")
     assert len(ds) == 2 and len(ds.skipped) == 1  # the image is kept once, not weighed twice
+
+
+def test_image_id_in_two_class_folders_is_refused(tmp_path):
+    root, data = _subset_tree(str(tmp_path), [3, 7])
+    # the same image also filed under another class (a copy or a second link): which label is right is unknown
+    _write_image(os.path.join(data, WNIDS[7], "ILSVRC2012_val_00000001.JPEG"), (20, 20), seed=0)
+    with pytest.raises(DatasetFileError, match=r"ILSVRC2012_val_00000001 is in several class folders"):
+        ImageNetVal(root, input_size=S)
+    ds = ImageNetVal(root, input_size=S, on_error="skip")
+    assert [ds[k]["label"] for k in range(len(ds))] == [7] and len(ds.skipped) == 1
