@@ -156,9 +156,15 @@ def class_names(model: nn.Module) -> Optional[List[str]]:
 
 
 def preprocess_images(paths: List[str], data_config: Dict[str, Any]) -> Tuple[torch.Tensor, list]:
-    """Open image files and apply the model's own eval transform; returns ``(batch, pil_images)``."""
-    from PIL import Image, UnidentifiedImageError
+    """Open image files and apply the model's own eval transform; returns ``(batch, pil_images)``.
+
+    Files are decoded by :func:`captum_vit.data.images.decode_image`, the datasets' rule: 16-bit
+    images are scaled to 8 bits, float images read as ``[0, 1]`` (refused outside it), so
+    ``explain`` sees the pixels an evaluation of the same file would.
+    """
     from timm.data import create_transform
+
+    from captum_vit.data.images import DatasetFileError, decode_image
 
     transform = create_transform(**{k: v for k, v in data_config.items() if k != "crop_mode"},
                                  crop_mode=data_config.get("crop_mode", "center"))
@@ -167,9 +173,9 @@ def preprocess_images(paths: List[str], data_config: Dict[str, Any]) -> Tuple[to
         if not os.path.isfile(p):
             raise FileNotFoundError(f"image file {p!r} does not exist")
         try:
-            img = Image.open(p).convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"could not read {p!r} as an image ({e})") from e
+            img = decode_image(p)
+        except DatasetFileError as e:
+            raise ValueError(f"could not read {p!r} as an image: {e.reason}") from e
         pils.append(img)
         tensors.append(transform(img))
     return torch.stack(tensors), pils

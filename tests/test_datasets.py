@@ -1,7 +1,8 @@
 """Real-image datasets on tiny fixture trees written in each dataset's own file formats.
 
 Expected boxes are computed by hand from the rules: squash maps a coordinate v to
-int(v / original_size * S) per axis, clipped to [0, S - 1]; class indices come from sorted wnids.
+int(v / original_size * S) per axis, clipped to [0, S - 1]; ImageNet class indices are the wnids'
+positions in the canonical (sorted) 1000-class list.
 """
 
 import os
@@ -53,17 +54,19 @@ def _voc_xml(path, size, objects, bad_field=False):
 
 
 # ------------------------------------------------------------------------------------------- ImageNet
+# three real ImageNet-1k wnids, canonical indices 2, 5 and 9 (under 10, the tiny test models' head)
+WNID_2, WNID_5, WNID_9 = "n01484850", "n01496331", "n01518878"
 # (image id, wnid, (w, h), boxes of its class, boxes of another class present in the XML only)
 IMNET = [
-    ("ILSVRC2012_val_00000001", "n09999999", (100, 50), [(10, 5, 59, 39), (70, 0, 99, 49)], [(0, 0, 5, 5)]),
-    ("ILSVRC2012_val_00000002", "n01111111", (64, 80), [(0, 0, 63, 79)], []),
-    ("ILSVRC2012_val_00000003", "n05555555", (30, 30), [(3, 4, 30, 25)], []),
+    ("ILSVRC2012_val_00000001", WNID_9, (100, 50), [(10, 5, 59, 39), (70, 0, 99, 49)], [(0, 0, 5, 5)]),
+    ("ILSVRC2012_val_00000002", WNID_2, (64, 80), [(0, 0, 63, 79)], []),
+    ("ILSVRC2012_val_00000003", WNID_5, (30, 30), [(3, 4, 30, 25)], []),
 ]
 # hand-computed at S = 32
 IMNET_EXPECTED = {
-    "ILSVRC2012_val_00000001": (2, [[3, 3, 18, 24], [22, 0, 31, 31]]),
-    "ILSVRC2012_val_00000002": (0, [[0, 0, 31, 31]]),
-    "ILSVRC2012_val_00000003": (1, [[3, 4, 31, 26]]),  # xmax = width -> 32 -> clipped to 31
+    "ILSVRC2012_val_00000001": (9, [[3, 3, 18, 24], [22, 0, 31, 31]]),
+    "ILSVRC2012_val_00000002": (2, [[0, 0, 31, 31]]),
+    "ILSVRC2012_val_00000003": (5, [[3, 4, 31, 26]]),  # xmax = width -> 32 -> clipped to 31
 }
 
 
@@ -108,7 +111,8 @@ def _imagenet_csv(src_root, root, mapping=None):
 
 
 def _check_imagenet(ds):
-    assert ds.classes == ["n01111111", "n05555555", "n09999999"]
+    assert len(ds.classes) == ds.num_classes == 1000
+    assert [ds.classes.index(w) for w in (WNID_2, WNID_5, WNID_9)] == [2, 5, 9]
     assert len(ds) == 3
     for k in range(3):
         s = ds[k]
@@ -134,7 +138,7 @@ def test_imagenet_layouts_give_identical_samples(tmp_path):
     b = ImageNetVal(_imagenet_csv(str(tmp_path / "a"), str(tmp_path / "b")), input_size=S)
     # a synset mapping listing the same wnids in another order must not change the labels
     c = ImageNetVal(_imagenet_csv(str(tmp_path / "a"), str(tmp_path / "c"),
-                                  mapping=["n09999999", "n01111111", "n05555555"]), input_size=S)
+                                  mapping=[WNID_9, WNID_2, WNID_5]), input_size=S)
     assert b.layout == c.layout == "csv"
     _check_imagenet(b)
     for other in (b, c):
@@ -146,12 +150,13 @@ def test_imagenet_layouts_give_identical_samples(tmp_path):
             assert (sa["label"], sa["orig_size"], sa["index"]) == (so["label"], so["orig_size"], so["index"])
 
 
-def test_imagenet_mapping_file_defines_the_class_list(tmp_path):
+def test_imagenet_mapping_file_does_not_renumber_the_classes(tmp_path):
     src = _imagenet_folders(str(tmp_path / "a"))
-    ds = ImageNetVal(_imagenet_csv(src, str(tmp_path / "b"), mapping=["n09999999", "n00000001", "n01111111",
-                                                                       "n05555555"]), input_size=S)
-    assert ds.classes == ["n00000001", "n01111111", "n05555555", "n09999999"]
-    assert [ds[k]["label"] for k in range(3)] == [3, 1, 2]
+    # a mapping naming one more class, in its own order: the canonical 1000-class index still numbers them
+    ds = ImageNetVal(_imagenet_csv(src, str(tmp_path / "b"), mapping=[WNID_9, "n01440764", WNID_2, WNID_5]),
+                     input_size=S)
+    assert len(ds.classes) == 1000 and ds.classes[0] == "n01440764"
+    assert [ds[k]["label"] for k in range(3)] == [9, 2, 5]
 
 
 def test_imagenet_kaggle_nesting(tmp_path):
@@ -183,14 +188,14 @@ def test_resize_crop_moves_boxes_and_matches_torchvision(tmp_path):
 
 
 def test_imagenet_corrupt_image_raises_or_is_skipped(tmp_path):
-    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", "n05555555", "corrupt")])
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
     ds = ImageNetVal(root, input_size=S)
     assert len(ds) == 4
     with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000004.JPEG"):
         ds[3]
     lazy = ImageNetVal(root, input_size=S, on_error="skip")
     batch = collate_annotated([lazy[k] for k in range(len(lazy))])
-    assert batch["image"].shape == (3, 3, S, S) and batch["label"].tolist() == [2, 0, 1]
+    assert batch["image"].shape == (3, 3, S, S) and batch["label"].tolist() == [9, 2, 5]
     assert len(lazy.skipped) == 1 and lazy.skipped[0][0].endswith("ILSVRC2012_val_00000004.JPEG")
     eager = ImageNetVal(root, input_size=S, on_error="skip", verify_images=True)
     assert len(eager) == 3 and len(eager.skipped) == 1
@@ -198,7 +203,7 @@ def test_imagenet_corrupt_image_raises_or_is_skipped(tmp_path):
 
 
 def test_imagenet_malformed_annotation_raises_or_is_skipped(tmp_path):
-    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000005", "n01111111", "bad_xml")])
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000005", WNID_2, "bad_xml")])
     with pytest.raises(DatasetFileError, match=r"ILSVRC2012_val_00000005\.xml.*xmin"):
         ImageNetVal(root, input_size=S)
     ds = ImageNetVal(root, input_size=S, on_error="skip")
@@ -207,7 +212,7 @@ def test_imagenet_malformed_annotation_raises_or_is_skipped(tmp_path):
 
 
 def test_imagenet_annotation_size_must_match_image(tmp_path):
-    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000006", "n01111111", "size_mismatch")])
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000006", WNID_2, "size_mismatch")])
     ds = ImageNetVal(root, input_size=S)
     with pytest.raises(DatasetFileError, match="40x20"):
         ds[3]
@@ -216,7 +221,7 @@ def test_imagenet_annotation_size_must_match_image(tmp_path):
 def test_imagenet_bad_csv_row(tmp_path):
     root = _imagenet_csv(_imagenet_folders(str(tmp_path / "a")), str(tmp_path / "b"))
     with open(os.path.join(root, "LOC_val_solution.csv"), "a") as f:
-        f.write("ILSVRC2012_val_00000007,n01111111 1 2 3\n")
+        f.write(f"ILSVRC2012_val_00000007,{WNID_2} 1 2 3\n")
     _write_image(os.path.join(root, "Data", "CLS-LOC", "val", "ILSVRC2012_val_00000007.JPEG"), (10, 10), 5)
     with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000007"):
         ImageNetVal(root, input_size=S)
@@ -235,7 +240,7 @@ def test_imagenet_missing_root_and_unknown_layout(tmp_path):
     _write_image(str(tmp_path / "Data" / "CLS-LOC" / "val" / "x.JPEG"), (8, 8), 0)
     with pytest.raises(FileNotFoundError, match="LOC_val_solution.csv"):
         ImageNetVal(str(tmp_path))
-    os.makedirs(tmp_path / "Data" / "CLS-LOC" / "val" / "n01111111")
+    os.makedirs(tmp_path / "Data" / "CLS-LOC" / "val" / WNID_2)
     with pytest.raises(ValueError, match="one layout"):
         ImageNetVal(str(tmp_path))
 

@@ -250,10 +250,10 @@ def test_without_maps_the_store_holds_scores_only(tiny, tmp_path):
 
 def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing(tiny, tmp_path):
     from captum_vit.data import DatasetFileError, ImageNetVal
-    from test_datasets import _imagenet_folders
+    from test_datasets import WNID_5, _imagenet_folders
 
     # three readable images of three classes, and a corrupt fourth
-    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", "n05555555", "corrupt")])
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
     strict = ImageNetVal(root, input_size=64)
     with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000004.JPEG"):
         evaluate(tiny, strict, "agcam,rollout", batch_size=2, progress=False)

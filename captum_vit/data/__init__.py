@@ -7,7 +7,8 @@ stays light enough for dataloader workers.
 
 from .boxes import AnnotatedImageDataset, DatasetFileError, Preprocess, collate_annotated
 from .cub import CUBTest
-from .imagenet import ImageNetVal
+from .imagenet import IMAGENET_WNIDS, ImageNetVal
+from .images import decode_image
 from .shapes import CLASSES, SPLITS, ShapesDataset, collate, generate
 from .voc import VOC_CLASSES, VOCSingleClass
 
@@ -23,9 +24,11 @@ __all__ = [
     "AnnotatedImageDataset",
     "CUBTest",
     "DatasetFileError",
+    "IMAGENET_WNIDS",
     "ImageNetVal",
     "Preprocess",
     "VOCSingleClass",
     "VOC_CLASSES",
     "collate_annotated",
+    "decode_image",
 ]

@@ -37,6 +37,15 @@ A file that cannot be read, or an annotation that cannot be trusted, raises
 index. A corrupt image is only found when it is decoded: :meth:`AnnotatedImageDataset.__getitem__`
 then returns ``None`` (which :func:`collate_annotated` drops) unless ``verify_images=True``
 decoded every image at construction, which keeps indices dense at the price of one full pass.
+
+Among the annotations refused: a size or coordinate that is not finite, and a box lying wholly
+outside its image (``xmin >= width``, ``ymin >= height``, ``xmax < 0`` or ``ymax < 0``), which
+the scaling would drop, leaving the sample scored against no ground truth. Where the annotation
+states the image size (the XML formats) that check runs at construction; otherwise (ImageNet's
+csv, CUB) when the image is decoded, like a corrupt image.
+
+Images are decoded by :func:`captum_vit.data.images.decode_image`: 16-bit images are scaled to
+8 bits (``v / 257``) and float images read as ``[0, 1]``, never clipped by PIL's RGB conversion.
 """
 
 from __future__ import annotations
@@ -51,12 +60,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import DatasetFileError, decode_image
+
 __all__ = [
     "AnnotatedImageDataset",
     "DatasetFileError",
     "Preprocess",
     "Record",
+    "check_box_in_image",
     "collate_annotated",
+    "load_rgb",
     "parse_voc_xml",
 ]
 
@@ -65,15 +78,6 @@ Box = Tuple[float, float, float, float]
 _ON_ERROR = ("raise", "skip")
 _TRANSFORMS = ("squash", "resize_crop")
 _INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-
-
-class DatasetFileError(ValueError):
-    """A dataset file (image or annotation) is unreadable or inconsistent; the message names it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,9 @@ def parse_voc_xml(path: str) -> Tuple[Tuple[int, int], List[Tuple[str, Box]]]:
         ``<object>``, boxes as floats, as written.
 
     Raises:
-        DatasetFileError: unparsable XML, a missing or non-numeric field, a non-positive size or a
-            box with ``xmin > xmax`` or ``ymin > ymax``.
+        DatasetFileError: unparsable XML, a missing or non-numeric field, a size that is not a
+            finite number >= 1, or a box that is not finite or has ``xmin > xmax`` or
+            ``ymin > ymax``.
     """
     try:
         root = ET.parse(path).getroot()
@@ -124,8 +129,8 @@ def parse_voc_xml(path: str) -> Tuple[Tuple[int, int], List[Tuple[str, Box]]]:
 
     size = root.find("size")
     w, h = number(size, "width"), number(size, "height")
-    if w <= 0 or h <= 0:
-        raise DatasetFileError(path, f"non-positive image size {w}x{h}")
+    if not (math.isfinite(w) and math.isfinite(h)) or w < 1 or h < 1:
+        raise DatasetFileError(path, f"image size {w}x{h} is not a finite number of pixels >= 1")
     objects: List[Tuple[str, Box]] = []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
@@ -144,6 +149,22 @@ def check_box(box: Sequence[float], source: str) -> None:
         raise DatasetFileError(source, f"non-finite box {tuple(box)}")
     if box[0] > box[2] or box[1] > box[3]:
         raise DatasetFileError(source, f"box {tuple(box)} has min > max")
+
+
+def check_box_in_image(box: Sequence[float], size: Tuple[int, int], source: str,
+                       annotation: Optional[str] = None) -> None:
+    """Refuse a box that covers no pixel of a ``size = (width, height)`` image.
+
+    Such a box would vanish in the scaling and leave a sample scored against empty ground truth.
+    A box only partly outside is kept (the scaling clips it); ``xmax == width`` is inside (VOC
+    numbers pixels from 1). ``source`` is the file the error names; ``annotation``, when given, the
+    file the box was read from.
+    """
+    w, h = size
+    if box[0] >= w or box[1] >= h or box[2] < 0 or box[3] < 0:
+        origin = f" (from {annotation})" if annotation else ""
+        raise DatasetFileError(source, f"box {tuple(box)}{origin} lies wholly outside the {w}x{h} image (it would be "
+                                       "scored as a sample without ground truth); fix or drop that annotation")
 
 
 class Preprocess:
@@ -216,13 +237,12 @@ class Preprocess:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later) as RGB, naming the file on failure."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise DatasetFileError(path, f"unreadable image ({type(e).__name__}: {e})") from e
+    """Decode an image fully as 8-bit RGB, naming the file on failure.
+
+    16-bit and float images are scaled, not clipped: see :func:`captum_vit.data.images.decode_image`,
+    the one decoding rule of the package.
+    """
+    return decode_image(path)
 
 
 class AnnotatedImageDataset(torch.utils.data.Dataset):
@@ -235,9 +255,14 @@ class AnnotatedImageDataset(torch.utils.data.Dataset):
         on_error: ``"raise"`` (default) or ``"skip"``.
         verify_images: decode every image at construction, so that with ``on_error="skip"`` corrupt
             images are skipped before indices are assigned.
+
+    Subclasses set ``classes`` (``classes[label]`` names a label) and ``num_classes``, the number
+    of classes labels index into (labels lie in ``0..num_classes - 1``), so that a model whose
+    head has fewer outputs can be refused before any compute.
     """
 
     classes: List[str]
+    num_classes: int
 
     def __init__(self, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
@@ -257,6 +282,18 @@ class AnnotatedImageDataset(torch.utils.data.Dataset):
         self.skipped.append((err.path, err.reason))
 
     def _finish_init(self, records: List[Record]) -> None:
+        sized = []
+        for rec in records:
+            # where the annotation states the image size its boxes are checked now, before indices are given
+            if rec.annotated_size is not None:
+                try:
+                    for box in rec.boxes:
+                        check_box_in_image(box, rec.annotated_size, rec.source or rec.path)
+                except DatasetFileError as e:
+                    self._fail(e)
+                    continue
+            sized.append(rec)
+        records = sized
         if self.verify_images:
             kept = []
             for rec in records:
@@ -275,6 +312,9 @@ class AnnotatedImageDataset(torch.utils.data.Dataset):
             # the boxes were drawn on an image of the annotated size: scaling them by another would misplace them
             raise DatasetFileError(rec.source or rec.path, f"annotation says size {rec.annotated_size[0]}x"
                                    f"{rec.annotated_size[1]} but {rec.path} is {img.size[0]}x{img.size[1]}")
+        for box in rec.boxes:
+            # without an annotated size the decoded image is the only size the box can be checked against
+            check_box_in_image(box, img.size, rec.path, rec.source or None)
         return img
 
     def __len__(self) -> int:

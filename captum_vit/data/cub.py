@@ -15,6 +15,9 @@ fine-tuning a classifier head); ``label = class id - 1``. A box becomes
 ``(x, y, x + width, y + height)``, taken as inclusive bounds like the other datasets' boxes: the
 annotation does not say whether its far edge is inside, and this reading keeps the whole
 annotated area (at most one extra original pixel per side) before the scaling truncates.
+
+An ``images.txt`` path must stay under ``images/``: an absolute path or a ``..`` component is an
+annotation error (raised, or skipped and counted with ``on_error="skip"``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class CUBTest(AnnotatedImageDataset):
 
     Attributes:
         classes (list of str): class names in class-id order, ``classes[label]``.
+        num_classes (int): ``len(classes)``, 200 on CUB-200-2011: labels lie in
+            ``0..num_classes - 1``, so a model head needs at least this many outputs.
         skipped (list of (str, str)): ``(file, reason)`` of every sample left out.
     """
 
@@ -91,6 +96,7 @@ class CUBTest(AnnotatedImageDataset):
         if class_ids != list(range(1, len(class_ids) + 1)):
             raise DatasetFileError(p["classes.txt"], "class ids must be 1..N without gaps")
         self.classes = [class_rows[str(k)][0].strip() for k in class_ids]
+        self.num_classes = len(self.classes)
 
         records = []
         for image_id in sorted(flags, key=_id_key):
@@ -120,13 +126,18 @@ class CUBTest(AnnotatedImageDataset):
                     raise DatasetFileError(p["bounding_boxes.txt"], f"id {image_id}: negative width/height")
                 box = (x, y, x + w, y + h)
                 check_box(box, p["bounding_boxes.txt"])
+                rel = images[image_id][0].strip()
+                # the list uses '/' whatever the OS; split it rather than trust the separator
+                parts = rel.replace("\\", "/").split("/")
+                if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or ":" in parts[0]:
+                    # a path that climbs out would read an image of another dataset (or any file) as this one
+                    raise DatasetFileError(p["images.txt"], f"id {image_id}: path {rel!r} points outside images/; "
+                                                            "give a path relative to images/ without '..'")
             except DatasetFileError as e:
                 self._fail(e)
                 continue
-            rel = images[image_id][0].strip()
-            # the list uses '/' whatever the OS; split it rather than trust the separator
-            path = os.path.join(base, "images", *rel.split("/"))
-            records.append(Record(path, label, (box,), None, p["images.txt"]))
+            path = os.path.join(base, "images", *[q for q in parts if q not in ("", ".")])
+            records.append(Record(path, label, (box,), None, p["bounding_boxes.txt"]))
         self._finish_init(records)
 
 

@@ -4,17 +4,27 @@ Two layouts are accepted under ``root`` (the data folder may also sit one level 
 ``ILSVRC/``, as in the Kaggle download):
 
 (a) class folders: ``Data/CLS-LOC/val/<wnid>/*.JPEG`` with one Pascal-VOC style XML per image in
-    the flat ``Annotations/CLS-LOC/val/<image id>.xml``. Classes are the folder names.
+    the flat ``Annotations/CLS-LOC/val/<image id>.xml``.
 (b) flat folder: ``Data/CLS-LOC/val/*.JPEG`` with ``LOC_val_solution.csv`` beside ``Data`` (or in
     ``root``), columns ``ImageId,PredictionString``, the string being repeated
-    ``wnid xmin ymin xmax ymax`` groups. Classes are the wnids of ``LOC_synset_mapping.txt``
-    (first token of each line) when that file is present, else the distinct wnids of the csv.
+    ``wnid xmin ymin xmax ymax`` groups, one row per image.
 
-The class index is the position of the wnid in the **sorted** class list (Python string order,
-which for ``n`` + 8-digit wnids is the numeric order the 1000-class models are trained with), so
-no file-system listing order or path separator enters a label. Without a mapping file, layout (b)
-only numbers the classes that occur, which equals the 1000-class numbering only on the full
-validation set. Images are ordered by image id in both layouts, so both give the same samples.
+Labels
+------
+The class index is the position of the wnid in the canonical sorted list of the 1000 ImageNet-1k
+wnids (:data:`IMAGENET_WNIDS`, shipped as ``imagenet_wnids.txt``, the same list as timm's), the
+numbering the 1000-class models are trained with, whatever folders or csv rows exist: a subset
+of the validation set keeps its labels, and no file-system listing order enters a label.
+``LOC_synset_mapping.txt``, when present, is only checked: a wnid in it outside the 1000 is an
+error. A class folder or csv row naming a wnid outside the 1000 is a :class:`DatasetFileError`
+naming it (or, with ``on_error="skip"``, its images are skipped and counted).
+
+In the class-folder layout only folders named like a wnid (``n`` + 8 digits) are class folders.
+Hidden folders (``.ipynb_checkpoints``) and ``__MACOSX`` are ignored; other folders are ignored
+with a warning naming them. A wnid folder that is a symbolic link back to the data folder (or
+above it) is refused rather than followed, and an image id found in two class folders is refused
+(its label would be a guess). Images are ordered by image id in both layouts, so both give the
+same samples.
 
 The label of an image is its class folder (a) or the wnid of its csv row (b, which must name one
 class); its boxes are all annotated boxes of that class (the metric takes their union).
@@ -25,17 +35,43 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .boxes import AnnotatedImageDataset, Box, DatasetFileError, Record, check_box, parse_voc_xml
 
-__all__ = ["ImageNetVal"]
+__all__ = ["IMAGENET_WNIDS", "ImageNetVal"]
 
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 _CSV = "LOC_val_solution.csv"
 _MAPPING = "LOC_synset_mapping.txt"
 _DATA = os.path.join("Data", "CLS-LOC", "val")
 _ANN = os.path.join("Annotations", "CLS-LOC", "val")
+_WNID = re.compile(r"n[0-9]{8}\Z")
+# archive debris, ignored without a warning (hidden folders are too)
+_JUNK_DIRS = ("__MACOSX",)
+
+
+def _load_wnids() -> Tuple[str, ...]:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
+    with open(path) as f:
+        wnids = tuple(line.strip() for line in f if line.strip())
+    # a damaged copy would renumber every label; refuse it at import instead
+    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)) or not all(_WNID.match(w) for w in wnids):
+        raise RuntimeError(f"{path} is damaged: expected the 1000 sorted, distinct ImageNet-1k wnids; reinstall "
+                           "captum-vit")
+    return wnids
+
+
+#: The 1000 ImageNet-1k wnids in label order (sorted); ``IMAGENET_WNIDS[label]`` is a label's wnid.
+IMAGENET_WNIDS: Tuple[str, ...] = _load_wnids()
+_INDEX: Dict[str, int] = {w: i for i, w in enumerate(IMAGENET_WNIDS)}
+
+
+def _unknown_wnid(wnid: str) -> str:
+    return (f"{wnid} is not one of the 1000 ImageNet-1k classes (labels follow the canonical 1000-class index, "
+            "captum_vit/data/imagenet_wnids.txt); remove it, or pass on_error='skip' to leave its images out")
 
 
 def _is_image(name: str) -> bool:
@@ -44,6 +80,12 @@ def _is_image(name: str) -> bool:
 
 def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
+
+
+def _loops_back(path: str, data_dir: str) -> bool:
+    """Whether the folder ``path`` resolves to ``data_dir`` or one of its parents."""
+    target, here = os.path.realpath(path), os.path.realpath(data_dir)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
 class ImageNetVal(AnnotatedImageDataset):
@@ -62,8 +104,12 @@ class ImageNetVal(AnnotatedImageDataset):
         verify_images (bool, optional): decode every image at construction. Default: False
 
     Attributes:
-        classes (list of str): sorted wnids; ``classes[label]`` is a sample's wnid.
+        classes (list of str): the 1000 ImageNet-1k wnids, sorted (:data:`IMAGENET_WNIDS`);
+            ``classes[label]`` is a sample's wnid, whichever classes the folder holds.
+        num_classes (int): 1000, whatever subset the folder holds: labels index the 1000 classes,
+            so a model head needs 1000 outputs.
         layout (str): ``"folders"`` or ``"csv"``.
+        ignored_dirs (list of str): folders of the data folder that were not read as classes.
         skipped (list of (str, str)): ``(file, reason)`` of every sample left out.
 
     Examples::
@@ -75,6 +121,8 @@ class ImageNetVal(AnnotatedImageDataset):
         >>> sample["boxes"]             # LongTensor[K, 4], inclusive, in the 224 x 224 input
     """
 
+    num_classes = len(IMAGENET_WNIDS)
+
     def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
                  interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False) -> None:
@@ -82,10 +130,11 @@ class ImageNetVal(AnnotatedImageDataset):
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"ImageNet root {self.root} does not exist (expected {_DATA} under it)")
+        self.classes = list(IMAGENET_WNIDS)
         base = self._find_base()
         data_dir = os.path.join(base, _DATA)
         entries = sorted(os.listdir(data_dir))
-        class_dirs = [e for e in entries if os.path.isdir(os.path.join(data_dir, e))]
+        class_dirs, self.ignored_dirs = self._class_dirs(data_dir, entries)
         flat_images = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(data_dir, e))]
         if class_dirs and flat_images:
             raise ValueError(f"{data_dir} holds both class folders and images; expected one layout: "
@@ -96,8 +145,7 @@ class ImageNetVal(AnnotatedImageDataset):
             if not os.path.isdir(ann_dir):
                 raise FileNotFoundError(f"class-folder layout found in {data_dir} but the annotation folder "
                                         f"{ann_dir} (one <image id>.xml per image) does not exist")
-            self.classes = sorted(class_dirs)
-            records = self._folder_records(data_dir, ann_dir)
+            records = self._folder_records(data_dir, ann_dir, class_dirs)
         elif flat_images:
             self.layout = "csv"
             csv_path = self._find_file(base, _CSV)
@@ -106,9 +154,29 @@ class ImageNetVal(AnnotatedImageDataset):
                                         f" (or use class folders <wnid>/*.JPEG with {_ANN}/*.xml)")
             records = self._csv_records(data_dir, flat_images, csv_path, self._find_file(base, _MAPPING))
         else:
-            raise FileNotFoundError(f"no images in {data_dir}: expected <wnid>/*.JPEG with {_ANN}/*.xml, "
+            ignored = f" (folders not read as classes: {self.ignored_dirs})" if self.ignored_dirs else ""
+            raise FileNotFoundError(f"no images in {data_dir}{ignored}: expected <wnid>/*.JPEG with {_ANN}/*.xml, "
                                     f"or *.JPEG with {_CSV}")
         self._finish_init(records)
+
+    @staticmethod
+    def _class_dirs(data_dir: str, entries: List[str]) -> Tuple[List[str], List[str]]:
+        """``(wnid-named folders, other folders)`` of the data folder, both sorted."""
+        wnid_dirs, ignored, unexpected = [], [], []
+        for name in entries:
+            if not os.path.isdir(os.path.join(data_dir, name)):  # False for a broken or self-looping link
+                continue
+            if _WNID.match(name):
+                wnid_dirs.append(name)
+                continue
+            ignored.append(name)
+            if not name.startswith(".") and name not in _JUNK_DIRS:
+                unexpected.append(name)
+        if unexpected:
+            warnings.warn(f"ImageNetVal: ignoring folders of {data_dir} that are not ImageNet wnids (n + 8 digits): "
+                          f"{unexpected}; move their images into <wnid>/ folders if they belong to the set",
+                          UserWarning, stacklevel=3)
+        return wnid_dirs, ignored
 
     def _find_base(self) -> str:
         for base in (self.root, os.path.join(self.root, "ILSVRC")):
@@ -125,18 +193,36 @@ class ImageNetVal(AnnotatedImageDataset):
                 return p
         return None
 
-    def _folder_records(self, data_dir: str, ann_dir: str) -> List[Record]:
-        index = {w: i for i, w in enumerate(self.classes)}
-        found: List[Tuple[str, str, str]] = []  # (image id, wnid, file name)
-        for wnid in self.classes:
-            for name in sorted(os.listdir(os.path.join(data_dir, wnid))):
+    def _folder_records(self, data_dir: str, ann_dir: str, class_dirs: List[str]) -> List[Record]:
+        found: Dict[str, List[Tuple[str, str]]] = {}  # image id -> [(wnid, file name)]
+        for wnid in class_dirs:
+            folder = os.path.join(data_dir, wnid)
+            if _loops_back(folder, data_dir):
+                # listing it would read the data folder (or a parent) as one class
+                self._fail(DatasetFileError(folder, f"symbolic link loop: it resolves to {os.path.realpath(folder)}, "
+                                                    f"which holds {data_dir} itself; remove the link"))
+                continue
+            if wnid not in _INDEX:
+                err = DatasetFileError(folder, _unknown_wnid(wnid))
+                if self.on_error == "raise":
+                    raise err
+                # each image of an unknown class is a sample left out, counted as such
+                self.skipped.extend((os.path.join(folder, name), err.reason)
+                                    for name in sorted(os.listdir(folder)) if _is_image(name))
+                continue
+            for name in sorted(os.listdir(folder)):
                 if _is_image(name):
-                    found.append((_stem(name), wnid, name))
+                    found.setdefault(_stem(name), []).append((wnid, name))
         records = []
-        for image_id, wnid, name in sorted(found):
+        for image_id in sorted(found):
+            wnid, name = found[image_id][0]
             path = os.path.join(data_dir, wnid, name)
             xml = os.path.join(ann_dir, image_id + ".xml")
             try:
+                if len(found[image_id]) > 1:
+                    where = [os.path.join(w, n) for w, n in found[image_id]]
+                    raise DatasetFileError(path, f"image id {image_id} is in several class folders {where}; its "
+                                                 "label would be a guess: keep it in one")
                 if not os.path.isfile(xml):
                     raise DatasetFileError(path, f"no annotation {xml}")
                 size, objects = parse_voc_xml(xml)
@@ -147,13 +233,21 @@ class ImageNetVal(AnnotatedImageDataset):
             except DatasetFileError as e:
                 self._fail(e)
                 continue
-            records.append(Record(path, index[wnid], boxes, size, xml))
+            records.append(Record(path, _INDEX[wnid], boxes, size, xml))
         return records
 
     def _csv_records(self, data_dir: str, images: List[str], csv_path: str,
                      mapping_path: Optional[str]) -> List[Record]:
+        if mapping_path is not None:
+            # the mapping no longer numbers the classes, but one naming other classes means another dataset
+            with open(mapping_path) as f:
+                unknown = sorted({w for w in (line.split()[0] for line in f if line.strip()) if w not in _INDEX})
+            if unknown:
+                raise DatasetFileError(mapping_path, f"names {len(unknown)} wnid(s) outside the 1000 ImageNet-1k "
+                                                     f"classes ({unknown[:5]}); this is not ImageNet-1k's mapping")
         rows: Dict[str, Tuple[str, Tuple[Box, ...]]] = {}
         bad_rows: Dict[str, DatasetFileError] = {}
+        first_line: Dict[str, int] = {}
         try:
             with open(csv_path, newline="") as f:
                 reader = csv.DictReader(f)
@@ -163,22 +257,23 @@ class ImageNetVal(AnnotatedImageDataset):
                 for line_no, row in enumerate(reader, start=2):
                     image_id = (row["ImageId"] or "").strip()
                     where = f"{csv_path} line {line_no} ({image_id})"
+                    if image_id in first_line:
+                        # which row is right cannot be told; the image is refused rather than labelled by the last
+                        bad_rows[image_id] = DatasetFileError(
+                            csv_path, f"{image_id} has two rows, lines {first_line[image_id]} and {line_no}; keep "
+                                      "one row per image")
+                        continue
+                    first_line[image_id] = line_no
                     try:
                         rows[image_id] = self._parse_prediction(row["PredictionString"] or "", where)
+                        if rows[image_id][0] not in _INDEX:
+                            raise DatasetFileError(where, _unknown_wnid(rows[image_id][0]))
                     except DatasetFileError as e:
                         bad_rows[image_id] = e
         except OSError as e:
             raise DatasetFileError(csv_path, f"unreadable ({e})") from e
         except csv.Error as e:
             raise DatasetFileError(csv_path, f"malformed csv ({e})") from e
-
-        if mapping_path is not None:
-            with open(mapping_path) as f:
-                wnids = [line.split()[0] for line in f if line.strip()]
-        else:
-            wnids = [w for w, _ in rows.values()]
-        self.classes = sorted(set(wnids))
-        index = {w: i for i, w in enumerate(self.classes)}
 
         records = []
         for name in sorted(images, key=lambda n: (_stem(n), n)):
@@ -189,12 +284,10 @@ class ImageNetVal(AnnotatedImageDataset):
                 if image_id not in rows:
                     raise DatasetFileError(path, f"no row for {image_id} in {csv_path}")
                 wnid, boxes = rows[image_id]
-                if wnid not in index:
-                    raise DatasetFileError(csv_path, f"{image_id}: class {wnid} is not in {mapping_path}")
             except DatasetFileError as e:
                 self._fail(e)
                 continue
-            records.append(Record(path, index[wnid], boxes, None, csv_path))
+            records.append(Record(path, _INDEX[wnid], boxes, None, csv_path))
         return records
 
     @staticmethod

@@ -387,9 +387,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         size: number of items.
         image_size: side of the square images (shape sizes scale with it).
         mean, std: normalisation of ``image``.
+
+    Attributes:
+        classes: the label classes (:data:`CLASSES`), ``classes[label]``.
+        num_classes: ``len(classes)``; labels lie in ``0..num_classes - 1``, so a model head needs at
+            least this many outputs.
     """
 
     classes = CLASSES
+    num_classes = len(CLASSES)
 
     def __init__(self, split: str = "single", seed: int = 0, size: int = 1000, image_size: int = 224,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):

@@ -16,7 +16,7 @@ box may reach the image width; the scaling clips it).
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from .boxes import AnnotatedImageDataset, DatasetFileError, Record, parse_voc_xml
 
@@ -40,11 +40,14 @@ class VOCSingleClass(AnnotatedImageDataset):
 
     Attributes:
         classes (list of str): the 20 VOC classes, ``classes[label]``.
+        num_classes (int): 20, whatever the split holds: labels index the 20 classes, so a model
+            head needs at least 20 outputs.
         multi_class (list of str): ids left out for holding several classes (or none).
         skipped (list of (str, str)): ``(file, reason)`` of every sample left out for an error.
     """
 
     classes = VOC_CLASSES
+    num_classes = len(VOC_CLASSES)
 
     def __init__(self, root: str, year: str = "2012", split: str = "val", input_size: int = 224,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -68,10 +71,16 @@ class VOCSingleClass(AnnotatedImageDataset):
         index = {c: i for i, c in enumerate(VOC_CLASSES)}
         self.multi_class: List[str] = []
         records = []
-        for image_id in ids:
+        seen: Dict[str, int] = {}
+        for line_no, image_id in enumerate(ids, start=1):
             xml = os.path.join(base, "Annotations", image_id + ".xml")
             path = os.path.join(base, "JPEGImages", image_id + ".jpg")
             try:
+                if image_id in seen:
+                    # a repeated id would weigh that image twice in every mean
+                    raise DatasetFileError(list_path, f"id {image_id} listed twice (entries {seen[image_id]} and "
+                                                      f"{line_no}); keep one line per image")
+                seen[image_id] = line_no
                 if not os.path.isfile(xml):
                     raise DatasetFileError(xml, f"missing annotation for {image_id} listed in {list_path}")
                 size, objects = parse_voc_xml(xml)
