@@ -322,18 +322,15 @@ def build_report(
         picks = select_pictures(scores, len(index), int(per_score), int(sample), int(seed))
         has_maps = bool(rs.maps)
         maps: Dict[str, Dict[str, np.ndarray]] = {}
+        n_skipped = len(rs.skipped())
         if has_maps and len(picks):
-            f = rs._file  # the map columns of the picked rows only: a large store is never read whole
-            for m in methods:
-                pos = np.flatnonzero(keep[m])
-                order = np.argsort(f[m]["index"][...], kind="stable")
-                stored_rows = np.sort(order[pos[picks]])
-                back = np.argsort(np.argsort(order[pos[picks]]))
-                maps[m] = {c: f[m][c][stored_rows][back] for c in ("map_pred", "map_label")}
+            for m in methods:  # the map columns of the picked rows only: a large store is never read whole
+                maps[m] = rs.read_maps(m, index[picks])
     first = rows[methods[0]]
     n_images = int(len(index))
     n_total = int(attrs.get("n_total", n_images))
-    complete = bool(attrs.get("complete", False)) and n_images >= n_total
+    # complete: every image was computed or counted as skipped (unreadable under --on-error skip)
+    complete = bool(attrs.get("complete", False)) and n_images + n_skipped >= n_total
     if not complete:
         warn(f"the run is incomplete: {n_images} of {n_total} images in the store; the report shows what it holds")
     threshold = float(fp.get("threshold", 0.5))

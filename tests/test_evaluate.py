@@ -254,6 +254,8 @@ def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing
 
     # three readable images of three classes, and a corrupt fourth
     root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
+    tiny = make_timm("plain")
+    tiny.reset_classifier(1000)  # ImageNet labels are the canonical 1000-class index
     strict = ImageNetVal(root, input_size=64)
     with pytest.raises(DatasetFileError, match="ILSVRC2012_val_00000004.JPEG"):
         evaluate(tiny, strict, "agcam,rollout", batch_size=2, progress=False)

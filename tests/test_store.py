@@ -242,9 +242,9 @@ def test_a_part_of_another_run_or_edited_is_refused(tiny, tmp_path):
 
 def test_a_run_whose_images_are_all_computed_or_skipped_is_complete(tmp_path):
     from captum_vit.data import ImageNetVal
-    from test_datasets import _imagenet_folders
+    from test_datasets import WNID_5, _imagenet_folders
 
-    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", "n05555555", "corrupt")])
+    root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
     model = make_timm("plain")
     model.reset_classifier(1000)  # ImageNet labels are the 1000-class index
     store = str(tmp_path / "results.h5")
@@ -256,6 +256,12 @@ def test_a_run_whose_images_are_all_computed_or_skipped_is_complete(tmp_path):
     again = evaluate(model, ImageNetVal(root, input_size=64, on_error="skip"), METHODS, batch_size=2, store=store,
                      progress=False)
     assert again["n_computed"] == 0 and again["n_skipped"] == 0  # the unreadable file is not tried again
+    from captum_vit.report import build_report
+
+    warnings = []
+    info = build_report(store, str(tmp_path / "report.html"), warn=warnings.append)
+    assert info["complete"] and warnings == []
+    assert "INCOMPLETE" not in (tmp_path / "report.html").read_text()
 
 
 def test_a_dataset_with_more_classes_than_the_head_is_refused_before_any_compute(tiny):
