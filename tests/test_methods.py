@@ -482,10 +482,33 @@ def test_training_mode_without_dropout_equals_eval(name, arch):
     assert trained.training and all(m.training for m in trained.modules())
 
 
-@pytest.mark.parametrize("arch", ["plain", "hf"])
-def test_transformer_attribution_refuses_active_dropout_before_any_compute(arch):
-    model = _train_copy(_model(arch), dropout=0.1)
-    method = _api("TransformerAttribution")(model)
+def _randomised(case):
+    """Tiny models with one kind of active randomness."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import TINY, _perturb
+
+    if case in ("plain", "hf"):  # every nn.Dropout at 0.1 (HF: hidden dropout), training mode
+        return _train_copy(_model(case), dropout=0.1), case
+    if case == "drop_path":  # timm DropPath only
+        torch.manual_seed(0)
+        return _perturb(VisionTransformer(**TINY, drop_path_rate=0.1)).train(), "plain"
+    if case == "one_submodule":  # an eval model with one attention dropout switched to training mode
+        m = copy.deepcopy(_model("plain"))
+        m.blocks[1].attn.attn_drop.p = 0.2
+        m.blocks[1].attn.attn_drop.train()
+        return m, "plain"
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("name", ["transformer_attribution", "cdam"])
+@pytest.mark.parametrize("case", ["plain", "hf", "drop_path", "one_submodule"])
+def test_pure_forward_methods_refuse_active_dropout_before_any_compute(case, name):
+    # LRP's rules and CDAM's re-run of the last block need the pure forward over the parts,
+    # which does not reproduce dropout: a map from it would not be the model's.
+    model, arch = _randomised(case)
+    before = _state(model)
+    method = CASES[name](model)
     embed = model.patch_embed if arch != "hf" else model.vit.embeddings
     calls = []
     handle = embed.register_forward_pre_hook(lambda _m, _a: calls.append(1))
@@ -495,3 +518,4 @@ def test_transformer_attribution_refuses_active_dropout_before_any_compute(arch)
     finally:
         handle.remove()
     assert not calls
+    assert _state(model) == before
