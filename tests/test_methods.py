@@ -354,3 +354,168 @@ def test_model_left_as_found_when_an_exception_escapes_mid_forward(name, arch):
     # and the method still works afterwards
     CASES[name](model).attribute(x, target=[1, 2])
     assert _state(model) == before
+
+
+# ----------------------------------------------------------------------------- negative targets
+
+
+@pytest.mark.parametrize("name", ["agcam"] + list(CASES))
+def test_negative_target_is_the_predicted_class(name):
+    # One rule with the ONNX graph and the torch-free kit: a negative class means "predicted".
+    model = _model("plain")
+    x = input_for("plain", batch=3, seed=4)
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    make_method = (lambda m: _api("AGCAM")(m)) if name == "agcam" else CASES[name]
+    method = make_method(model)
+    noise = None
+    if name == "cdam_smooth":
+        noise = torch.randn(3, 3, _n_tokens(model, "plain"), _dim(model), generator=torch.Generator().manual_seed(2))
+    want = _call(name, method, x, [3, int(pred[1]), int(pred[2])], noise)
+    _close(_call(name, method, x, [3, -1, -7], noise), want)
+    _close(_call(name, method, x, torch.tensor([3, -1, -1]), noise), want)
+    np = pytest.importorskip("numpy")
+    _close(_call(name, method, x, np.array([3, -2, -1]), noise), want)
+    _close(_call(name, method, x, -1, noise), _call(name, method, x, None, noise))
+    _close(_call(name, method, x, (-1,), noise), _call(name, method, x, pred, noise))
+    with pytest.raises(ValueError, match="out of range"):
+        _call(name, method, x, [3, -1, 10], noise)
+
+
+# ----------------------------------------------------------------------------- pooled heads (no [class] token)
+
+
+def _pooled(pool):
+    """Tiny timm ViTs whose head does not read a [class] token."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import TINY, _perturb
+
+    torch.manual_seed(0)
+    if pool == "avg":  # vit_medium_patch16_gap_256-style
+        m = VisionTransformer(**TINY, class_token=False, global_pool="avg", fc_norm=False)
+    elif pool == "map":  # SigLIP-style attention-pooling head
+        m = VisionTransformer(**TINY, class_token=False, global_pool="map")
+    elif pool == "avg_with_cls":  # a [class] token exists, but the head averages the patches
+        m = VisionTransformer(**TINY, global_pool="avg")
+    else:
+        raise KeyError(pool)
+    return _perturb(m).eval()
+
+
+POOLS = ["avg", "map", "avg_with_cls"]
+
+
+class _CountForwards:
+    """Counts the patch embedding's calls: a refusal must come before any compute."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.patch_embed.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _m, _args):
+        self.n += 1
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("name", ["agcam", "rollout", "lrp", "gae", "raw"])
+def test_class_row_methods_refuse_pooled_heads_and_name_cdam(name, pool):
+    from captum_vit.attr import METHODS
+
+    model = _pooled(pool)
+    before = _state(model)
+    counter = _CountForwards(model)
+    try:
+        with pytest.raises(ValueError, match=r"(?s)\[class\].*CDAM") as err:
+            METHODS[name](model)
+    finally:
+        counter.handle.remove()
+    assert "global_pool='token'" in str(err.value)
+    assert counter.n == 0
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_cdam_on_pooled_heads_against_reference(pool):
+    model = _pooled(pool)
+    x = input_for("plain", batch=3)
+    r = ref.cdam(model, x, TARGETS)
+    _signed(r)
+    C = _api("CDAM")(model)
+    _close(_flat(C.attribute(x, target=TARGETS), "plain"), r)
+    # A concept lives in the [class]-embedding space, which these heads do not have: refused before any forward.
+    counter = _CountForwards(model)
+    try:
+        for kw in (dict(concept=torch.ones(_dim(model))), dict(target_fn=lambda e: e.sum(-1))):
+            with pytest.raises(ValueError, match=r"\[class\] embedding.*target="):
+                C.attribute(x, **kw)
+    finally:
+        counter.handle.remove()
+    assert counter.n == 0
+
+
+# ----------------------------------------------------------------------------- training mode
+
+
+def _train_copy(model, **rates):
+    m = copy.deepcopy(model).train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout) and "dropout" in rates:
+            mod.p = rates["dropout"]
+    return m
+
+
+@pytest.mark.filterwarnings("ignore:.*training mode")
+@pytest.mark.parametrize("arch", ["plain", "layerscale", "hf"])
+@pytest.mark.parametrize("name", ["transformer_attribution", "gae", "cdam", "rollout"])
+def test_training_mode_without_dropout_equals_eval(name, arch):
+    # Every dropout and drop-path rate 0 (timm's and these configs' default): the training-mode
+    # forward is the eval forward, so the maps must be the eval maps, LRP included.
+    double = name == "transformer_attribution"
+    model = _model(arch, double=double)
+    x = input_for(arch, batch=3).to(next(model.parameters()).dtype)
+    want = CASES[name](model).attribute(x, target=TARGETS)
+    trained = _train_copy(model)
+    assert trained.training
+    got = CASES[name](trained).attribute(x, target=TARGETS)
+    _close(got, want)
+    assert trained.training and all(m.training for m in trained.modules())
+
+
+def _randomised(case):
+    """Tiny models with one kind of active randomness."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import TINY, _perturb
+
+    if case in ("plain", "hf"):  # every nn.Dropout at 0.1 (HF: hidden dropout), training mode
+        return _train_copy(_model(case), dropout=0.1), case
+    if case == "drop_path":  # timm DropPath only
+        torch.manual_seed(0)
+        return _perturb(VisionTransformer(**TINY, drop_path_rate=0.1)).train(), "plain"
+    if case == "one_submodule":  # an eval model with one attention dropout switched to training mode
+        m = copy.deepcopy(_model("plain"))
+        m.blocks[1].attn.attn_drop.p = 0.2
+        m.blocks[1].attn.attn_drop.train()
+        return m, "plain"
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("name", ["transformer_attribution", "cdam"])
+@pytest.mark.parametrize("case", ["plain", "hf", "drop_path", "one_submodule"])
+def test_pure_forward_methods_refuse_active_dropout_before_any_compute(case, name):
+    # LRP's rules and CDAM's re-run of the last block need the pure forward over the parts,
+    # which does not reproduce dropout: a map from it would not be the model's.
+    model, arch = _randomised(case)
+    before = _state(model)
+    method = CASES[name](model)
+    embed = model.patch_embed if arch != "hf" else model.vit.embeddings
+    calls = []
+    handle = embed.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="(?s)dropout.*model.eval()"):
+            method.attribute(input_for(arch, batch=2), target=[1, 2])
+    finally:
+        handle.remove()
+    assert not calls
+    assert _state(model) == before

@@ -81,3 +81,69 @@ def test_threads_share_one_model(name, arch):
     with torch.no_grad():
         plain_after = model(x_plain) if arch != "hf" else model(pixel_values=x_plain).logits
     assert torch.equal(plain_after, plain_before)
+
+
+def _plain_model(arch):
+    from conftest import make_timm
+
+    # "respost": post-norm blocks, which run the patched fallback; "train": training mode with
+    # every dropout and drop-path rate 0 (timm's default), so that outputs are deterministic;
+    # "respost_train": both.
+    model = make_timm("respost" if arch.startswith("respost") else "plain")
+    return model.train() if arch.endswith("train") else model
+
+
+@pytest.mark.filterwarnings("ignore:.*training mode")
+@pytest.mark.parametrize("arch", ["respost", "train", "respost_train"])
+def test_explanations_never_change_what_plain_callers_see(arch):
+    model = _plain_model(arch)
+    before = _state(model)
+    methods = [AGCAM(model, engine="generic"), METHODS["rollout"](model), METHODS["gae"](model)]
+    xs = [input_for("plain", batch=2, seed=200 + i) for i in range(4)]
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference under the same intra-op setting as the threads
+    try:
+        with torch.no_grad():
+            plain_want = [model(x).clone() for x in xs]
+        maps_want = [[m.attribute(x, target=[1, 2]) for x in xs] for m in methods]
+        plain_got, maps_got, errors = [], [], []
+        done = threading.Event()
+        barrier = threading.Barrier(4)
+
+        def plain_caller():
+            barrier.wait()
+            try:
+                for i in range(24):
+                    x = xs[i % len(xs)]
+                    with torch.set_grad_enabled(i % 2 == 0):
+                        plain_got.append((i % len(xs), model(x).detach()))
+            except Exception as e:  # noqa: BLE001 - re-raised in the main thread below
+                errors.append(e)
+
+        def explainer(j):
+            barrier.wait()
+            try:
+                while not done.is_set():
+                    for k, x in enumerate(xs):
+                        maps_got.append((j, k, methods[j].attribute(x, target=[1, 2])))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        plain = [threading.Thread(target=plain_caller) for _ in range(2)]
+        explainers = [threading.Thread(target=explainer, args=(j,)) for j in (0, 2)]
+        for th in plain + explainers:
+            th.start()
+        for th in plain:
+            th.join()
+        done.set()
+        for th in explainers:
+            th.join()
+    finally:
+        torch.set_num_threads(n_threads)
+    assert not errors, errors
+    assert len(plain_got) == 48 and maps_got
+    wrong = [i for i, out in plain_got if not torch.equal(out, plain_want[i])]
+    assert not wrong, f"{len(wrong)} of {len(plain_got)} plain calls saw a changed model"
+    for j, k, cam in maps_got:
+        _close(cam, maps_want[j][k])
+    assert _state(model) == before

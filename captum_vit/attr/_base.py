@@ -35,7 +35,10 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
 
     ``None`` is the predicted class; an int (Python or numpy, or a 1-tuple ``(c,)``, or a 0-d
     tensor) applies to every sample; a list, 1-D tensor or 1-D numpy array gives one class per
-    sample. Every class is range-checked.
+    sample. A negative class (the whole target, or any entry) is the predicted class of that
+    sample, the rule of the ONNX graph and of the torch-free kit, so that ``[3, -1]`` means
+    "class 3 for the first image, the predicted class for the second". Every class is checked
+    against the number of classes.
     """
     B, C = logits.shape[0], logits.shape[-1]
     if target is None:
@@ -75,9 +78,14 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
         t = torch.tensor(flat, dtype=torch.long, device=logits.device)
     else:
         t = torch.full((B,), _as_index(target, "target"), dtype=torch.long, device=logits.device)
-    if B and (int(t.min()) < 0 or int(t.max()) >= C):
-        bad = t[(t < 0) | (t >= C)][0].item()
-        raise ValueError(f"target class {bad} is out of range for a model with {C} classes (valid: 0..{C - 1})")
+    if B and int(t.max()) >= C:
+        bad = t[t >= C][0].item()
+        raise ValueError(
+            f"target class {bad} is out of range for a model with {C} classes (valid: 0..{C - 1}, or a negative "
+            "value for the predicted class)"
+        )
+    if B and int(t.min()) < 0:
+        t = torch.where(t < 0, logits.detach().argmax(dim=-1), t)
     return t
 
 
@@ -139,6 +147,21 @@ class ViTLayerAttribution(LayerAttribution):
             self.layer_indices = sorted(set(idx))
         LayerAttribution.__init__(self, self.model, [self.adapter.attentions[i] for i in self.layer_indices])
 
+    def _require_class_row(self) -> None:
+        """Refuse, at construction, a model whose head does not read a [class] token.
+
+        For the methods defined on the [class]-query row of the attention: on a pooled head
+        that row is a patch's (or not what the model classifies) and the map would look like
+        a result without being one.
+        """
+        ok, why = self.adapter.class_row_support()
+        if not ok:
+            raise ValueError(
+                f"{self.get_name()} is not defined for this model: {why}. On this model use CDAM "
+                "(captum_vit.CDAM, method 'cdam'), which differentiates with respect to the tokens and needs no "
+                "[class] token; or explain a ViT with class_token=True and global_pool='token'."
+            )
+
     # ----------------------------------------------------------------- what a method implements
     def _request(self) -> Request:
         """What the method needs recorded during the forward pass."""
@@ -162,7 +185,10 @@ class ViTLayerAttribution(LayerAttribution):
             inputs (Tensor or 1-tuple of Tensor): normalised images ``[B, C, H, W]``; a
                 tuple in gives a tuple out (Captum convention).
             target (int, tuple, list, Tensor or numpy integer/array, optional): class per
-                sample (Captum semantics); ``None`` explains the predicted class.
+                sample (Captum semantics); ``None`` explains the predicted class, and so does
+                a negative class, for every sample (``-1``) or for single entries
+                (``[3, -1]``: class 3, then the second image's predicted class), as in the
+                ONNX export.
             upsample_to_input (bool): return the map bilinearly upsampled
                 (``align_corners=False``) to ``H x W`` instead of the patch grid.
             return_logits (bool): also return the model's logits ``[B, num_classes]`` from
@@ -179,12 +205,7 @@ class ViTLayerAttribution(LayerAttribution):
         """The template; ``method_args`` are passed on to :meth:`_maps` (e.g. CDAM's concept)."""
         inputs, is_tuple = _format_inputs(inputs)
         self.adapter.check_input(inputs)
-        if self.adapter.is_training:
-            warnings.warn(
-                f"{type(self.model).__name__} is in training mode: dropout and drop-path make the explanation random. "
-                "captum-vit does not switch modes for you; call model.eval() first.",
-                stacklevel=4,
-            )
+        self._check_mode()
         request = self._request()
         record = self._forward(inputs, request)
         logits = record.logits
@@ -197,6 +218,34 @@ class ViTLayerAttribution(LayerAttribution):
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
         out = (cam,) if is_tuple else cam  # Captum convention: a tuple of inputs gets a tuple back
         return (out, logits.detach()) if return_logits else out
+
+    #: Whether the method needs the pure forward over the parts (rules per recorded operation,
+    #: or re-running blocks from a recorded input), which does not reproduce an active dropout.
+    _needs_pure_forward: bool = False
+
+    def _check_mode(self) -> None:
+        """Before any compute: refuse or warn about a model in training mode."""
+        random = self.adapter.active_randomness()
+        name = type(self.model).__name__
+        if random and self._needs_pure_forward:
+            shown = ", ".join(random[:3]) + (f" and {len(random) - 3} more" if len(random) > 3 else "")
+            raise ValueError(
+                f"{self.get_name()} needs the pure forward over the model's parts, which does not reproduce "
+                f"dropout or drop-path, and {name} has them active ({shown}: training mode with a rate above 0). "
+                "Call model.eval() first, or set those rates to 0."
+            )
+        if random:
+            warnings.warn(
+                f"{name} is in training mode: dropout and drop-path make the explanation random. "
+                "captum-vit does not switch modes for you; call model.eval() first.",
+                stacklevel=5,
+            )
+        elif self.adapter.is_training:
+            warnings.warn(
+                f"{name} is in training mode. Its dropout and drop-path rates are all 0, so the explanation is "
+                "that of eval mode, but captum-vit does not switch modes for you; call model.eval() first.",
+                stacklevel=5,
+            )
 
     def _require_autograd(self) -> None:
         if torch.is_inference_mode_enabled():

@@ -78,9 +78,7 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
         self.layer_fusion = check_fusion("layer_fusion", layer_fusion, ("sum", "mean", "max"))
         if engine not in _ENGINES:
             raise ValueError(f"engine must be one of {_ENGINES}, got {engine!r}")
-        ok, why = self.adapter.class_row_support()
-        if not ok:
-            raise ValueError(f"AGCAM is not defined for this model: {why}")
+        self._require_class_row()
         self.detach = bool(detach)
         self.engine = engine
         ok, why = self.adapter.one_token_support()

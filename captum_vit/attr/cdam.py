@@ -41,6 +41,11 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
     * ``"integrated"`` -- average of the maps for the last block's input scaled by ``k / n_steps``,
       ``k = 1 .. n_steps - 1`` (zero baseline, as the authors' code).
 
+    CDAM is defined for any head, pooled ones included (a class logit as the score; a concept
+    or ``target_fn`` needs a [class] embedding). The last block is re-run over its parts,
+    which do not reproduce dropout, so a model with an active dropout or drop-path (training
+    mode, rate above 0) is refused; with every rate 0 it is explained as in eval mode.
+
     Args:
         model (nn.Module): a supported ViT (see :class:`~captum_vit.AGCAM`).
         variant (str): ``"plain"``, ``"smooth"`` or ``"integrated"``.
@@ -55,6 +60,8 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
         >>> by_concept = cdam.attribute(x, concept=example_images)
         >>> smooth = CDAM(model, variant="smooth").attribute(x, target=3)
     """
+
+    _needs_pure_forward = True
 
     def __init__(
         self,
@@ -94,7 +101,8 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
         Args:
             inputs (Tensor or 1-tuple of Tensor): normalised images ``[B, C, H, W]``.
             target (int, tuple, list, Tensor or numpy integer/array, optional): class per
-                sample (Captum semantics); ``None`` explains the predicted class.
+                sample (Captum semantics); ``None`` or a negative class (the whole target or
+                single entries, e.g. ``[3, -1]``) explains the predicted class.
             concept (Tensor, optional): a ``[D]`` concept vector in the [class]-embedding
                 space, or ``[M, C, H, W]`` example images whose mean embedding is used.
             target_fn (callable, optional): maps the ``[B, D]`` [class] embeddings to ``[B]``.
@@ -109,6 +117,14 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
         given = [n for n, v in (("target", target), ("concept", concept), ("target_fn", target_fn)) if v is not None]
         if len(given) > 1:
             raise ValueError(f"give one of target, concept or target_fn, not {' and '.join(given)}")
+        if (concept is not None or target_fn is not None) and not self.adapter.head.tokens:
+            # Checked before any forward: the head pools the tokens otherwise than through a
+            # [class] token, so there is no embedding for a concept or target_fn to read.
+            raise ValueError(
+                f"this model's head pools the tokens with {self.adapter.pooling!r} and does not read a [class] "
+                "embedding, so concept= and target_fn= have no embedding space here; explain a class with "
+                "target= (CDAM works on this model for class logits)"
+            )
         if concept is not None:
             concept = self._concept_vector(concept)
         return self._attribute(

@@ -30,7 +30,8 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
         \quad \text{for every block } b,
 
     read at the [class] row over the patch keys; no row normalisation. ``\nabla A_b`` is the
-    ordinary gradient of the target logit (nothing detached).
+    ordinary gradient of the target logit (nothing detached). A model whose head does not
+    read a [class] token (average or attention pooling) is refused at construction.
 
     Args:
         model (nn.Module): a supported ViT (see :class:`~captum_vit.AGCAM`).
@@ -43,6 +44,7 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
 
     def __init__(self, model: Union[nn.Module, ViTAdapter], layers=None) -> None:
         super().__init__(model, layers)
+        self._require_class_row()
         GradientAttribution.__init__(self, self.model)
 
     @classmethod
@@ -132,11 +134,17 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
             that norm with PyTorch's default 1e-5 where timm's ViTs use 1e-6; ``None`` keeps the
             model's own.
 
+    A model in training mode is explained as in eval mode when every dropout and drop-path
+    rate is 0, and refused (before any compute) when one is active: the rules need every
+    activation of the forward, which only the pure forward over the parts records.
+
     Examples::
 
         >>> lrp = TransformerAttribution(model)
         >>> maps = lrp.attribute(x, target=[3, 7])   # [B, 1, gh, gw]
     """
+
+    _needs_pure_forward = True
 
     def __init__(
         self,
@@ -145,6 +153,7 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         final_norm_eps: Optional[float] = 1e-5,
     ) -> None:
         super().__init__(model)
+        self._require_class_row()
         GradientAttribution.__init__(self, self.model)
         a = self.adapter
         n = a.num_layers

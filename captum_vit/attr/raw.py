@@ -16,6 +16,7 @@ class RawAttention(ViTLayerAttribution):
     r"""
     The post-softmax attention of one block's [class] query over the patch keys, fused over
     heads: ``mean_h A_{L,h}[0, j]``. **Class-agnostic**: ``target`` is accepted and ignored.
+    A model whose head does not read a [class] token is refused at construction.
 
     Args:
         model (nn.Module): a supported ViT (see :class:`~captum_vit.AGCAM`).
@@ -29,6 +30,7 @@ class RawAttention(ViTLayerAttribution):
 
     def __init__(self, model: Union[nn.Module, ViTAdapter], layer: int = -1, head_fusion: str = "mean") -> None:
         super().__init__(model, [layer])
+        self._require_class_row()
         self.head_fusion = check_fusion("head_fusion", head_fusion, ("mean", "max", "min"))
 
     @classmethod

@@ -21,7 +21,8 @@ class AttentionRollout(ViTLayerAttribution):
     .. math::
         a_k = \mathrm{rownorm}\big((\bar A_k + I) / 2\big), \qquad R = a_L \cdots a_1,
 
-    read at the [class] row over the patch keys. **Class-agnostic**: ``target`` is accepted
+    read at the [class] row over the patch keys (a model whose head does not read a [class]
+    token is refused at construction). **Class-agnostic**: ``target`` is accepted
     (for a uniform interface) and ignored. The defaults are the AGCAM paper's configuration
     (mean over heads, nothing discarded); ``head_fusion="max"`` with ``discard_ratio=0.9`` is
     vit-explain's own default.
@@ -47,6 +48,7 @@ class AttentionRollout(ViTLayerAttribution):
         layers: Sequence[int] = None,
     ) -> None:
         super().__init__(model, layers)
+        self._require_class_row()
         self.head_fusion = check_fusion("head_fusion", head_fusion, ("mean", "max", "min"))
         if not 0.0 <= float(discard_ratio) < 1.0:
             raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")

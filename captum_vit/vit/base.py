@@ -9,10 +9,11 @@ It calls ``scaled_dot_product_attention`` itself, so the fused kernel is kept wh
 attention matrix is not needed.
 
 Architectures the parts do not cover (for example timm's post-norm ``ResPostBlock``), and
-models in training mode (whose dropouts only the model's own forward reproduces), run through
-the library's own forward with patched attention modules instead. That fallback holds a
-per-model lock for the whole pass, restores every module in ``finally``, and is therefore
-serialised per model, never interleaved.
+models with an active dropout (training mode with a rate above 0, which only the model's own
+forward reproduces), run through the library's own forward with patched attention modules
+instead. That fallback holds a per-model lock for the whole pass, restores every module in
+``finally``, and is therefore serialised per model, never interleaved; the patch applies to
+the explaining thread only, so other threads calling the model meanwhile run it unpatched.
 """
 
 from __future__ import annotations
@@ -307,6 +308,45 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
+def _random_rate(module: nn.Module) -> Optional[float]:
+    """The rate of a module that is random in training mode, ``None`` for a deterministic one.
+
+    Dropouts (``torch.nn`` and timm's ``DropPath`` / ``PatchDropout``, by their rate
+    attribute), and attention modules that apply dropout functionally (Hugging Face's
+    ``attention_dropout`` float). A module named like a dropout whose rate cannot be read
+    counts as random, so that an unknown one is never skipped by the pure forward.
+    """
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    rate = getattr(module, "attention_dropout", None)
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+        return float(rate)
+    if "drop" in type(module).__name__.lower():
+        for name in ("drop_prob", "prob", "p"):
+            rate = getattr(module, name, None)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+                return float(rate)
+        return 1.0
+    return None
+
+
+def _confined(owner: int, patched: Callable, own: Optional[Callable], module: nn.Module) -> Callable:
+    """``patched`` in the thread ``owner``, the module's own forward in every other thread.
+
+    ``own`` is a forward the user had set on the instance (``None``: the class's). The class's
+    forward is looked up at call time, as ``nn.Module.__call__`` would.
+    """
+
+    def forward(*args, **kwargs):
+        if threading.get_ident() == owner:
+            return patched(*args, **kwargs)
+        if own is not None:
+            return own(*args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
+
+    return forward
+
+
 class ViTAdapter:
     """Description of a ViT classifier; subclasses read one library each.
 
@@ -377,6 +417,19 @@ class ViTAdapter:
         """Whether the ViT is in training mode (a new ``nn.Sequential`` around an eval ViT is not)."""
         return self.model.training
 
+    def active_randomness(self) -> List[str]:
+        """Names of the ViT's sub-modules that are random now: in training mode with a rate above 0.
+
+        Empty in eval mode, and in training mode when every dropout and drop-path rate is 0
+        (timm's default): then the training-mode forward is the eval forward, and the pure
+        forward (which does not call dropouts) reproduces it exactly.
+        """
+        return [
+            name or type(self.model).__name__
+            for name, m in self.model.named_modules()
+            if m.training and (_random_rate(m) or 0.0) > 0.0
+        ]
+
     def for_input_size(self, h: int, w: int) -> nn.Module:
         """The wrapper, or a copy of it whose ViT is fixed to ``h x w`` inputs.
 
@@ -441,17 +494,23 @@ class ViTAdapter:
         self._check_size(x.shape[-2], x.shape[-1])
 
     def class_row_support(self) -> Tuple[bool, str]:
-        """Whether methods that read the [class]-query row (AGCAM) are defined for this model."""
+        """Whether methods that read the [class]-query row of the attention are defined for this model.
+
+        AGCAM, rollout, raw attention, GAE and Transformer Attribution read row 0 of the
+        attention as the [class] token's; without a [class] token that row is the top-left
+        patch's, and with a head that pools the patches the [class] token is not what the
+        model classifies.
+        """
         if not self.has_class_token:
             return False, (
-                "the model has no [class] token (it pools patch tokens instead), so the [class]-query row "
-                "that AGCAM reads does not exist; use a ViT with class_token=True and global_pool='token'"
+                "the model has no [class] token (its head pools the patch tokens instead), so the [class]-query "
+                "row of the attention does not exist: row 0 is the top-left patch's"
             )
         if self.pooling not in ("token", "token_distill"):
             return False, (
-                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token, so "
-                "the [class]-query row receives no gradient when attention inputs are detached (the AGCAM "
-                "definition); use a model with global_pool='token'"
+                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token, so the "
+                "[class]-query row is not what the model classifies (and receives no gradient when attention "
+                "inputs are detached, the AGCAM definition)"
             )
         return True, ""
 
@@ -483,15 +542,16 @@ class ViTAdapter:
     def forward(self, inputs: Tensor, request: Request = Request()) -> Record:
         """One forward pass of the wrapper over ``inputs``, recording what ``request`` asks for.
 
-        Uses the pure forward over the parts (no patching, no hooks, thread-safe) in eval mode
-        where the parts cover the architecture; otherwise the serialised patched fallback.
+        Uses the pure forward over the parts (no patching, no hooks, thread-safe) where the
+        parts cover the architecture and no dropout is active (eval mode, or training mode with
+        every rate 0); otherwise the serialised patched fallback.
         Returns a :class:`Record` whose ``logits`` are the wrapper's output.
         """
         x = self.vit_input(inputs)
         if self.pre:
             self._check_vit_input(x)
         rec = Record(grid=self._grid(*x.shape[-2:]))
-        if self.parts is not None and not self.is_training:
+        if self.parts is not None and not self.active_randomness():
             logits = self._pure_forward(x, rec, request)
         else:
             logits = self._patched_forward(x, rec, request)
@@ -534,17 +594,30 @@ class ViTAdapter:
 
     @contextlib.contextmanager
     def _patched(self, rec: Record, req: Request) -> Iterator[None]:
-        """Patch every attention module and hook every block, serialised per model; undone in ``finally``."""
+        """Patch every attention module and hook every block, serialised per model; undone in ``finally``.
+
+        The patch is confined to the calling thread: a call of the model from any other thread
+        while it is in place (a plain ``model(x)`` of a server, say) runs the module's own
+        forward and records nothing, so an explanation never changes what other callers see
+        and their calls never reach this explanation's record.
+        """
+        owner = threading.get_ident()
         with model_lock(self.model):
             saved: List[Tuple[nn.Module, bool, object]] = []
             handles = []
             try:
                 for attn in self.attentions:
-                    saved.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
-                    attn.forward = self._patch_attention(attn, rec, req)
+                    had, old = "forward" in attn.__dict__, attn.__dict__.get("forward")
+                    saved.append((attn, had, old))
+                    attn.forward = _confined(owner, self._patch_attention(attn, rec, req), old if had else None, attn)
                 if req.block_inputs:
+
+                    def record_input(_m, args):
+                        if threading.get_ident() == owner:
+                            rec.block_inputs.append(args[0])
+
                     for blk in self.blocks:
-                        handles.append(blk.register_forward_pre_hook(lambda _m, args: rec.block_inputs.append(args[0])))
+                        handles.append(blk.register_forward_pre_hook(record_input))
                 yield
             finally:
                 for h in handles:
@@ -557,7 +630,7 @@ class ViTAdapter:
 
     def _patched_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
         if req.cls_tokens:
-            why = self.one_token_support()[1] or "the model is in training mode"
+            why = self.one_token_support()[1] or "the model has an active dropout or drop-path (training mode)"
             raise ValueError(f"the one-token backward does not apply here: {why}")
         with self._patched(rec, req):
             return self._model_logits(images)
