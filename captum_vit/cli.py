@@ -204,7 +204,7 @@ def explain(
             logits_ok = bool(logits[i].isfinite().all())
             finite = logits_ok and bool(cams[i].detach().isfinite().all())
             p = int(pred[i]) if logits_ok else None
-            c = p if target is None else int(target)
+            c = p if target is None or int(target) < 0 else int(target)  # negative: the predicted class
             rec = {
                 "image": path, "predicted": p, "predicted_name": names[p] if names and p is not None else None,
                 "probability": float(probs[i, p]) if p is not None else float("nan"), "target": c,
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--method", default="agcam", choices=["agcam", "rollout", "lrp", "gae", "cdam", "raw"],
                    help="explanation method (default: agcam)")
-    p.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
+    p.add_argument("--target", type=int, help="class to explain (default, or negative: the predicted class)")
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
                    help="output folder, created if missing (default: captum_vit_out)")
     p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")

@@ -234,6 +234,8 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
     pred = probs.argmax(-1)
     correct = pred == labels
     prob_label = probs.gather(1, labels[:, None])[:, 0]
+    if int(labels.min()) < 0:  # a negative target would mean "the predicted class" to the methods
+        raise ValueError(f"a label ({int(labels.min())}) is negative: the dataset's labels must be class indices")
     if int(labels.max()) >= probs.shape[1]:
         raise ValueError(f"a label ({int(labels.max())}) is outside the model's {probs.shape[1]} classes: the dataset "
                          "and the model's head do not match; give a model (or --checkpoint) trained on this dataset")

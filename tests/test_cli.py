@@ -59,6 +59,17 @@ def test_explain_target_option(images, checkpoint, tmp_path, capsys):
     assert os.path.exists(tmp_path / "img0_agcam_class3.png")
 
 
+def test_explain_negative_target_is_the_predicted_class(images, checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    assert main(["explain", images[0], "--model", MODEL, "--checkpoint", path, "--out", str(tmp_path / "a"),
+                 "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["explain", images[0], "--model", MODEL, "--checkpoint", path, "--target", "-1", "--out",
+                 str(tmp_path / "b"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
+    assert b["images"][0]["target"] == a["images"][0]["predicted"] == a["images"][0]["target"]
+    assert os.listdir(tmp_path / "a") == os.listdir(tmp_path / "b")
+
+
 def test_explain_errors(images, checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out folder lands here, not in the repository
     path, _ = checkpoint

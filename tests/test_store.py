@@ -260,7 +260,7 @@ def test_a_run_whose_images_are_all_computed_or_skipped_is_complete(tmp_path):
 
     warnings = []
     info = build_report(store, str(tmp_path / "report.html"), warn=warnings.append)
-    assert info["complete"] and warnings == []
+    assert info["complete"] and not [w for w in warnings if "incomplete" in w]
     assert "INCOMPLETE" not in (tmp_path / "report.html").read_text()
 
 
@@ -323,17 +323,21 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, capsys, monkey
     assert "4 images computed" in capsys.readouterr().out
 
 
-def test_torchrun_killed_in_the_merge_resumes_with_another_process_count(tiny, reference, tmp_path):
-    """Rank 0 killed at a write of the final merge: no 0-byte store; one process then reuses every row."""
-    if STRACE is None:
-        pytest.skip("strace is not installed (.ci/run installs it)")
+@pytest.mark.slow
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("call, n", [("pwrite64", 20), ("pwrite64", 60), ("rename", 3)])
+def test_torchrun_killed_in_the_merge_resumes_with_another_process_count(tiny, reference, tmp_path, call, n):
+    """Rank 0 killed inside the final merge: no 0-byte store; one process then reuses every row.
+
+    The assertions show where the kill struck: after every batch was committed, before the merged
+    store was renamed into place (HDF5's pwrite64 calls; rank 0's third rename, after its two batches).
+    """
     store = str(tmp_path / "results.h5")
     script = tmp_path / "ranks.py"
     script.write_text(TORCHRUN.format(tests=os.path.dirname(__file__), store=store, methods=METHODS))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # pwrite64 is HDF5's: only rank 0's merge calls it; kill it at its 20th
-    proc = subprocess.run([STRACE, "-f", "-o", "/dev/null", "-e", "trace=pwrite64", "-e",
-                           "inject=pwrite64:signal=SIGKILL:when=20", sys.executable, "-m", "torch.distributed.run",
+    proc = subprocess.run([STRACE, "-f", "-o", "/dev/null", "-e", f"trace={call}", "-e",
+                           f"inject={call}:signal=SIGKILL:when={n}", sys.executable, "-m", "torch.distributed.run",
                            "--standalone", "--nproc-per-node", "2", str(script)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0
