@@ -1,6 +1,6 @@
 """Evaluation throughput: images per second of the localization and the ABPC protocols.
 
-Each protocol runs alone (``captum_vit.evaluate.evaluate`` with one metric group, in memory, no
+Each protocol runs alone (``captum_vit.evaluation.evaluate`` with one metric group, in memory, no
 maps kept; the median of ``--repeats`` runs) per method, on images generated beforehand, so
 that the figure is the evaluation's and not the synthetic images' generation. Every image's
 label is set to the model's own prediction, so that every image is "correctly classified" and
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from captum_vit.data import ShapesDataset  # noqa: E402
-from captum_vit.evaluate import evaluate  # noqa: E402
+from captum_vit.evaluation import evaluate  # noqa: E402
 from captum_vit.models import load_model  # noqa: E402
 
 IMAGENET_VAL = 50_000

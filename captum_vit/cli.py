@@ -247,11 +247,11 @@ def explain(
 def _write_json(path: str, data: dict) -> None:
     import json
 
-    from captum_vit.demo import _json_safe
+    from captum_vit.evaluation import json_safe
 
     try:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(data), f, indent=2)
+            json.dump(json_safe(data), f, indent=2)
     except OSError as e:
         raise ValueError(f"could not write --json {path!r} ({e.strerror or e}); give a file path you can write "
                          "to") from e
@@ -304,13 +304,9 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from captum_vit.evaluate import run_evaluation
+    from captum_vit.evaluation import RunOptions, run_evaluation
 
-    result = run_evaluation(dataset=a.dataset, root=a.root, methods=a.methods, metrics=a.metrics, model=a.model,
-                            checkpoint=a.checkpoint, batch_size=a.batch_size, limit=a.limit,
-                            threshold=a.threshold, out=a.out, json_path=a.json, device=a.device,
-                            progress=not a.no_progress, workers=a.workers, preprocess=a.preprocess,
-                            on_error=a.on_error, keep_maps=not a.no_maps)
+    result = run_evaluation(RunOptions.from_args(a))
     if a.report and result["rank"] == 0:  # under torchrun, rank 0 holds the merged store
         from captum_vit.report import run_report_from_args
 
@@ -326,6 +322,9 @@ def _cmd_report(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from captum_vit.attr import METHODS
+    from captum_vit.onnx import EXPORTABLE_METHODS
+
     parser = argparse.ArgumentParser(
         prog="captum-vit", description="Class-specific explanations for Vision Transformers (AGCAM, Captum)."
     )
@@ -337,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="explain image files (AGCAM or another method) and write overlay PNGs")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     _add_model_args(p)
-    p.add_argument("--method", default="agcam", choices=["agcam", "rollout", "lrp", "gae", "cdam", "raw"],
+    p.add_argument("--method", default="agcam", choices=list(METHODS),
                    help="explanation method (default: agcam)")
     p.add_argument("--target", type=int, help="class to explain (default, or negative: the predicted class)")
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
@@ -353,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model with AGCAM (or rollout, raw) to one ONNX graph")
     _add_model_args(p, default="shapes_vit")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    p.add_argument("--method", default="agcam", choices=["agcam", "rollout", "raw"],
+    p.add_argument("--method", default="agcam", choices=list(EXPORTABLE_METHODS),
                    help="explanation method in the graph (default: agcam)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and computation (float32 in and out)")
@@ -362,34 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="score methods with the localization and ABPC protocols (resumable)")
-    p.add_argument("--dataset", default="shapes", choices=["shapes", "imagenet", "voc", "cub"],
-                   help="shapes: the shipped held-out benchmark (seed 2024, 300 images); the others need --root "
-                        "(default: shapes)")
-    p.add_argument("--root", metavar="DIR", help="the dataset's folder (imagenet, voc, cub)")
-    p.add_argument("--methods", default="agcam,rollout,lrp", help="comma-separated method names "
-                   "(default: agcam,rollout,lrp, the AGCAM paper's columns)")
-    p.add_argument("--metrics", default="localization,abpc,diagnostics",
-                   help="comma-separated metric groups (default: localization,abpc,diagnostics)")
-    p.add_argument("--model", default="shapes_vit", help="timm model name or shapes_vit (default: shapes_vit)")
-    p.add_argument("--checkpoint", metavar="FILE", help="state-dict file, loaded with weights_only=True")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes loading images (default 0)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--threshold", type=float, default=0.5, help="localization threshold in [0, 1] (default 0.5)")
-    p.add_argument("--preprocess", default="squash", choices=["squash", "resize_crop"],
-                   help="squash: resize to the input size, the papers' protocol; resize_crop: timm's resize and "
-                        "center crop, boxes moved to match (default: squash)")
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
-                   help="an unreadable image or annotation: stop naming the file, or skip it and count it "
-                        "(default: raise)")
-    p.add_argument("--no-maps", action="store_true", help="do not keep each image's maps in the store "
-                   "(smaller; reports then show scores without pictures)")
-    p.add_argument("--out", default="captum_vit_eval", metavar="DIR",
-                   help="folder for results.h5 (resumed when present), table.md, results.json "
-                        "(default: captum_vit_eval)")
-    p.add_argument("--json", metavar="FILE", help="where to write the JSON (default: DIR/results.json)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from captum_vit.evaluation.options import RunOptions, add_arguments
+
+    add_arguments(p, RunOptions)
     p.add_argument("--report", action="store_true", help="write DIR/report.html at the end (see `captum-vit report`)")
     p.set_defaults(func=_cmd_evaluate)
 

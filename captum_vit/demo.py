@@ -1,11 +1,10 @@
 """End-to-end demo: explain the shipped shapes ViT and score the maps with the localization protocol.
 
-``run_demo`` draws held-out images from :class:`captum_vit.data.ShapesDataset`, classifies them,
-keeps the correctly classified ones (the weakly-supervised localization protocol scores maps only
-where the classifier is right), computes every requested method's map for the predicted class,
-and reports the five localization metrics per method, the multi-instance rate (images with at
-least two instances of the class where the predicted contour boxes touch every instance), a
-gallery figure and a JSON file. Everything runs in batches.
+``run_demo`` is a client of the evaluation runner (:func:`captum_vit.evaluation.evaluate`): it
+runs the localization protocol on held-out images of :class:`captum_vit.data.ShapesDataset`
+(the correctly classified ones, as the weakly-supervised protocol requires), and adds what only
+the demo shows: the multi-instance rate (images with at least two instances of the class where
+the predicted contour boxes touch every instance), a gallery figure and a text table.
 
 Command line: ``captum-vit demo --n 300 --seed 2024 --out captum_vit_demo --methods agcam`` or
 ``python -m captum_vit.demo ...``.
@@ -23,50 +22,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
 
 import torch
 
-from captum_vit.metrics.localization import METRIC_NAMES, boxes_touch_instances, evaluate_localization, mean
+from captum_vit.attr import resolve_methods
+from captum_vit.evaluation import evaluate, json_safe
+from captum_vit.evaluation.schema import METRIC_GROUPS, metric
+from captum_vit.metrics.localization import boxes_touch_instances
 
 __all__ = ["run_demo", "add_demo_arguments", "run_demo_from_args", "resolve_methods", "format_table", "main",
            "validate_demo_options"]
 
-_SHORT = {"pixel_accuracy": "pix.acc", "iou": "IoU", "dice": "Dice", "precision": "prec.", "recall": "recall"}
-
-
-def _registry() -> Dict[str, type]:
-    import captum_vit.attr as attr
-
-    reg = getattr(attr, "METHODS", None)
-    if not reg:
-        from captum_vit.attr.agcam import AGCAM
-
-        reg = {"agcam": AGCAM}
-    return dict(reg)
-
-
-def resolve_methods(methods: Union[None, str, Sequence[str], Mapping[str, type]] = None) -> Dict[str, type]:
-    r"""Turn a method selection into ``{name: attribution class}``.
-
-    Args:
-        methods: ``None`` (every method of :data:`captum_vit.attr.METHODS`), a name, a
-            comma-separated string, a sequence of names, or a ready ``{name: class}`` mapping
-            (each class is constructed as ``cls(model)``).
-
-    Returns:
-        dict[str, type]: the selected classes, in the given order.
-    """
-    if isinstance(methods, Mapping):
-        return dict(methods)
-    reg = _registry()
-    if methods is None:
-        return reg
-    if isinstance(methods, str):
-        methods = [methods]
-    names = [m.strip() for item in methods for m in str(item).split(",") if m.strip()]
-    unknown = [m for m in names if m not in reg]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {sorted(reg)}")
-    if not names:
-        raise ValueError("no method selected")
-    return {m: reg[m] for m in names}
+_LOCALIZATION = METRIC_GROUPS["localization"]
 
 
 def _fmt(v: float) -> str:
@@ -89,28 +53,15 @@ def format_table(scores: Dict[str, Any]) -> str:
         f"localization on {scores['n_evaluated']} "
         f"{'correctly classified images' if scores['only_correct'] else 'images'}, map for the predicted class",
     ]
-    head = (f"{'method':<12}" + "".join(f"{_SHORT[k]:>9}" for k in METRIC_NAMES)
+    head = (f"{'method':<12}" + "".join(f"{metric(k).short:>9}" for k in _LOCALIZATION)
             + f"{'multi-inst':>12}{'(n)':>6}{'sec':>8}")
     lines += [head, "-" * len(head)]
     for name, s in scores["methods"].items():
-        lines.append(f"{name:<12}" + "".join(f"{_fmt(s[k]):>9}" for k in METRIC_NAMES)
+        lines.append(f"{name:<12}" + "".join(f"{_fmt(s[k]):>9}" for k in _LOCALIZATION)
                      + f"{_fmt(s['multi_instance_rate']):>12}{s['n_multi_instance']:>6}{s['seconds']:>8.1f}")
     lines.append("multi-inst: share of images with >= 2 instances whose predicted contour boxes touch every "
                  "instance (boxes may span several instances).")
     return "\n".join(lines)
-
-
-def _json_safe(obj):
-    """``obj`` with NaN and infinities as ``None`` and numpy scalars as Python ones, for strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "dtype") and hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
-        return _json_safe(obj.item())
-    return obj
 
 
 def run_demo(
@@ -129,9 +80,9 @@ def run_demo(
 ) -> Dict[str, Any]:
     r"""Explain held-out shapes images with each method and score the maps for the predicted class.
 
-    Per batch, the first method's ``attribute(x, target=None, return_logits=True)`` gives the
-    predictions and its maps in one forward (so any model the methods support works, a Hugging
-    Face ViT included); the other methods are given the predicted classes as targets.
+    Per batch, each method's ``attribute(x, target=None, return_logits=True)`` gives its maps
+    for the predicted class and the logits of its own forward, as in every evaluation (so any
+    model the methods support works, a Hugging Face ViT included).
 
     Args:
         n (int, optional): number of images drawn from ``ShapesDataset("single", seed=seed)``;
@@ -168,9 +119,7 @@ def run_demo(
         ValueError: ``n`` or ``batch_size`` below 1, ``threshold`` outside [0, 1], ``seed`` a
             training seed, or a model in train mode.
     """
-    from tqdm import tqdm
-
-    from captum_vit.data import CLASSES, ShapesDataset, collate
+    from captum_vit.data import CLASSES, ShapesDataset
 
     t_start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout
@@ -180,83 +129,40 @@ def run_demo(
 
         model, shipped_config = shapes_vit()
         data_config = data_config if data_config is not None else shipped_config
-    if model.training:
-        raise ValueError("the model is in train mode; call model.eval() first")
     data_config = dict(data_config or {})
     mean_, std_ = tuple(data_config.get("mean", (0.5,) * 3)), tuple(data_config.get("std", (0.5,) * 3))
     classes = resolve_methods(methods)
-    explainers = {name: cls(model) for name, cls in classes.items()}
-    first = next(iter(explainers))
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-
     dataset = ShapesDataset("single", seed=int(seed), size=int(n), mean=mean_, std=std_)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0,
-                                         collate_fn=collate)
 
-    per_image: Dict[str, Dict[str, List[torch.Tensor]]] = {m: {k: [] for k in METRIC_NAMES} for m in classes}
     touched: Dict[str, List[bool]] = {m: [] for m in classes}
-    seconds = {m: 0.0 for m in classes}
-    n_correct = n_eval = n_multi = 0
     rows: Dict[str, Any] = {"images": [], "gt": [], "titles": [], "maps": {m: [] for m in classes},
                             "boxes": {m: [] for m in classes}}
+    first = next(iter(classes))
 
-    bar = tqdm(total=len(dataset), desc="captum-vit demo", unit="img", disable=not progress, file=sys.stderr)
-    try:
-        for batch in loader:
-            x = batch["image"].to(device)
-            labels = batch["label"].to(device)
-            # one forward per batch: the first method's maps for the predicted class come with its logits
-            t0 = time.perf_counter()
-            maps_first, logits = explainers[first].attribute(x, target=None, upsample_to_input=False,
-                                                             return_logits=True)
-            seconds[first] += time.perf_counter() - t0
-            pred = logits.detach().argmax(-1)
-            correct = pred == labels
-            n_correct += int(correct.sum())
-            keep = torch.nonzero(correct if only_correct else torch.ones_like(correct)).flatten().tolist()
-            bar.update(x.shape[0])
-            if not keep:
-                continue
-            n_eval += len(keep)
-            xk, targets = x[keep], pred[keep]
-            gt = [batch["boxes"][i] for i in keep]
-            inst = [batch["masks"][i] for i in keep]
-            multi = [j for j, m in enumerate(inst) if m.shape[0] >= 2]
-            n_multi += len(multi)
-            take = max(0, int(gallery_rows) - len(rows["images"]))
+    def observe(name: str, batch: Mapping[str, Any], maps: torch.Tensor, keep: List[int], boxes: list) -> None:
+        """The demo's extras from each method's localization: instances touched, gallery rows."""
+        inst = [batch["masks"][i] for i in keep]
+        touched[name] += [boxes_touch_instances(boxes[j], m) for j, m in enumerate(inst) if m.shape[0] >= 2]
+        take = max(0, int(gallery_rows) - len(rows["maps"][name]))
+        if name == first:
             for i in keep[:take]:
                 rows["images"].append(batch["image_uint8"][i].numpy())
                 rows["gt"].append(batch["boxes"][i])
-                rows["titles"].append(f"#{int(batch['index'][i])} {CLASSES[int(labels[i])]} "
+                rows["titles"].append(f"#{int(batch['index'][i])} {CLASSES[int(batch['label'][i])]} "
                                       f"x{batch['masks'][i].shape[0]}")
-            size = tuple(x.shape[-2:])
-            for name, explainer in explainers.items():
-                t0 = time.perf_counter()
-                if name == first:
-                    maps = maps_first[keep]
-                else:
-                    maps = explainer.attribute(xk, target=targets, upsample_to_input=False, return_logits=False)
-                maps = maps.detach().float().cpu()
-                metrics, pboxes = evaluate_localization(maps, gt, threshold=threshold, size=size, return_boxes=True)
-                seconds[name] += time.perf_counter() - t0
-                for k in METRIC_NAMES:
-                    per_image[name][k].append(metrics[k])
-                touched[name] += [boxes_touch_instances(pboxes[j], inst[j]) for j in multi]
-                rows["maps"][name] += list(maps[:take])
-                rows["boxes"][name] += pboxes[:take]
-    finally:
-        bar.close()
+        rows["maps"][name] += list(maps[:take])
+        rows["boxes"][name] += boxes[:take]
 
+    result = evaluate(model, dataset, classes, metrics=("localization",), batch_size=int(batch_size),
+                      threshold=float(threshold), keep_maps=False, progress=progress, only_correct=bool(only_correct),
+                      observe=observe)
     method_scores: Dict[str, Dict[str, Any]] = {}
     for name in classes:
-        s = mean(per_image[name]) if n_eval else {k: float("nan") for k in METRIC_NAMES}
+        s = {k: result["methods"][name][k] for k in _LOCALIZATION}
         t = touched[name]
         s["multi_instance_rate"] = float(sum(t)) / len(t) if t else float("nan")
         s["n_multi_instance"] = len(t)
-        s["seconds"] = seconds[name]
+        s["seconds"] = result["seconds"][name]
         method_scores[name] = s
 
     scores: Dict[str, Any] = {
@@ -264,10 +170,10 @@ def run_demo(
         "seed": int(seed),
         "threshold": float(threshold),
         "only_correct": bool(only_correct),
-        "accuracy": n_correct / len(dataset) if len(dataset) else float("nan"),
-        "n_correct": n_correct,
-        "n_evaluated": n_eval,
-        "n_multi_instance_images": n_multi,
+        "accuracy": result["accuracy"],
+        "n_correct": result["n_correct"],
+        "n_evaluated": result["methods"][first]["n_images"],
+        "n_multi_instance_images": len(touched[first]),
         "methods": method_scores,
         "files": {},
     }
@@ -289,7 +195,7 @@ def run_demo(
         with open(scores["files"]["table"], "w", encoding="utf-8") as f:
             f.write(text + "\n")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(scores), f, indent=2)
+            json.dump(json_safe(scores), f, indent=2)
         print(f"wrote {', '.join(scores['files'].values())} in {scores['runtime_s']:.1f} s", file=stream)
     return scores
 

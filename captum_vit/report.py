@@ -1,6 +1,6 @@
 r"""Evaluation report: one self-contained HTML page from a result store.
 
-:func:`build_report` reads the store that :func:`captum_vit.evaluate.evaluate` wrote and writes one
+:func:`build_report` reads the store that :func:`captum_vit.evaluation.evaluate` wrote and writes one
 HTML file that opens from the file system in any browser: no server, no network, no external
 scripts, styles or fonts; the pictures are WebP ``data:`` URIs and the page's data is one inline
 JSON object.
@@ -34,29 +34,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from captum_vit.demo import _json_safe
-from captum_vit.evaluate import METRIC_GROUPS, STORE_NAME, _summary, load_store
+from captum_vit.evaluation import METRICS, STORE_NAME, json_safe, load_store, summary
 
 __all__ = ["SCORES", "ReportError", "build_report", "select_pictures", "add_report_arguments", "run_report_from_args"]
 
 #: every per-image score the page can show: column -> (label, which end is better: "hi" or "lo")
-SCORES: Dict[str, Tuple[str, str]] = {
-    "iou": ("IoU", "hi"),
-    "dice": ("Dice", "hi"),
-    "pixel_accuracy": ("pixel acc", "hi"),
-    "precision": ("precision", "hi"),
-    "recall": ("recall", "hi"),
-    "auc_lerf": ("LeRF AUC", "hi"),
-    "auc_morf": ("MoRF AUC", "lo"),
-    "abpc": ("ABPC", "hi"),
-    "texture_collapse": ("texture collapse", "lo"),
-    "entropy": ("map entropy", "lo"),
-    "mass_outside": ("mass outside", "lo"),
-    "insensitivity": ("insensitivity", "lo"),
-    "prob_drop": ("prob. drop", "hi"),
-}
-# the evaluate summary's names where they differ from the per-image columns
-_SUMMARY_KEY = {"pixel_accuracy": "pixel_acc"}
+SCORES: Dict[str, Tuple[str, str]] = {m.key: (m.label, m.better) for m in METRICS}
 _TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.html")
 _CMAP = "jet"  # the colour scale of captum_vit.viz
 _ALPHA = 0.5  # the overlay weight of captum_vit.viz.overlay
@@ -121,7 +104,7 @@ class _Images:
 
     def __init__(self, fingerprint: Mapping[str, Any], run: Mapping[str, Any]) -> None:
         from captum_vit.data import ShapesDataset
-        from captum_vit.evaluate import build_dataset, describe_dataset
+        from captum_vit.evaluation import build_dataset, describe_dataset
 
         desc = dict(fingerprint.get("dataset", {}))
         self.desc = desc
@@ -182,7 +165,7 @@ def _registered_class(name: str, path: Any) -> type:
 def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequence[str], n: int,
            threshold: float, model: Optional[torch.nn.Module]) -> List[Dict[str, Any]]:
     from captum_vit.data import ShapesDataset
-    from captum_vit.evaluate import weights_fingerprint
+    from captum_vit.evaluation import weights_fingerprint
 
     stored = fingerprint.get("methods", {})
     classes = {name: _registered_class(name, stored.get(name)) for name in methods}  # before any work
@@ -297,7 +280,7 @@ def build_report(
 
     Raises:
         FileNotFoundError: no store there.
-        StoreVersionError, StoreCorruptError: from :func:`captum_vit.evaluate.load_store`.
+        StoreVersionError, StoreCorruptError: from :func:`captum_vit.evaluation.load_store`.
         ReportError: bad options (e.g. ``out`` is a folder).
     """
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
@@ -310,7 +293,7 @@ def build_report(
         methods = list(rs.methods)  # the run's order, as in its evaluate table
         run = json.loads(attrs.get("run", "{}") or "{}")
         groups = list(fp.get("metrics", []))
-        summary = _summary(rs, groups)
+        method_summary = summary(rs, groups)
         rows = {m: rs.read(m, maps=False) for m in methods}
         index = rows[methods[0]]["index"]
         for m in methods[1:]:
@@ -376,16 +359,16 @@ def build_report(
         "title": title, "methods": methods, "classes": classes, "n_images": n_images, "n_total": n_total,
         "complete": complete, "threshold": threshold, "alpha": _ALPHA, "jet": jet,
         "scores": [{"key": c, "label": SCORES[c][0], "better": SCORES[c][1],
-                    "group": next((g for g, cs in METRIC_GROUPS.items() if c in cs), "")} for c in score_cols],
+                    "group": next(m.group for m in METRICS if m.key == c)} for c in score_cols],
         "per_score": int(per_score), "sample": int(sample), "seed": int(seed), "n_pictures": len(pics),
         "has_maps": has_maps, "notes": notes, "version": __version__,
         "store_version": attrs.get("captum_vit_version", "unknown"), "run": run,
-        "dataset": fp.get("dataset", {}), "summary_keys": {c: _SUMMARY_KEY.get(c, c) for c in score_cols},
+        "dataset": fp.get("dataset", {}),
         "accuracy": float((first["label"] == first["pred"]).mean()) if n_images else None,
     }
     parts = [
-        '{"meta":', json.dumps(_json_safe(meta), allow_nan=False),
-        ',"summary":', json.dumps(_json_safe(summary), allow_nan=False),
+        '{"meta":', json.dumps(json_safe(meta), allow_nan=False),
+        ',"summary":', json.dumps(json_safe(method_summary), allow_nan=False),
         ',"idx":', _column_json(index.astype(np.float64), 0).replace(".0", ""),
         ',"y":', json.dumps(first["label"].tolist()),
         ',"p":', json.dumps(first["pred"].tolist()),
@@ -395,7 +378,7 @@ def build_report(
         ",".join(json.dumps(m) + ":{" + ",".join(json.dumps(c) + ":" + _column_json(v) for c, v in cols.items()) + "}"
                  for m, cols in scores.items()),
         '},"pics":', json.dumps(pics),
-        ',"pairs":', json.dumps(_json_safe(pair_rows)), "}",
+        ',"pairs":', json.dumps(json_safe(pair_rows)), "}",
     ]
     with open(_TEMPLATE, encoding="utf-8") as f:
         page = _fill_template(f.read(), title, "".join(parts))
@@ -409,12 +392,11 @@ def build_report(
 
 
 # -- command line -----------------------------------------------------------------------------
-def add_report_arguments(parser: Any, with_store: bool = True) -> Any:
-    """Add the report's options to an argparse parser (``STORE`` and ``--out`` when ``with_store``)."""
-    if with_store:
-        parser.add_argument("store", metavar="STORE", help=f"an evaluation's --out folder (or its {STORE_NAME})")
-        parser.add_argument("--out", default="report.html", metavar="FILE.html",
-                            help="the HTML file to write (default: report.html)")
+def add_report_arguments(parser: Any) -> Any:
+    """Add the report's options to an argparse parser."""
+    parser.add_argument("store", metavar="STORE", help=f"an evaluation's --out folder (or its {STORE_NAME})")
+    parser.add_argument("--out", default="report.html", metavar="FILE.html",
+                        help="the HTML file to write (default: report.html)")
     parser.add_argument("--per-score", type=int, default=3, metavar="N",
                         help="pictures for the N lowest and N highest images of every score and method (default 3)")
     parser.add_argument("--sample", type=int, default=24, metavar="K",

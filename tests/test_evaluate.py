@@ -12,11 +12,11 @@ from captum_vit.attr import METHODS
 from captum_vit.cli import main
 from captum_vit.data import ShapesDataset, collate
 from captum_vit.demo import run_demo
-from captum_vit.evaluate import StoreCorruptError, StoreMismatchError, StoreVersionError, evaluate, load_store
+from captum_vit.evaluation import StoreCorruptError, StoreMismatchError, StoreVersionError, evaluate, load_store
 from captum_vit.metrics import abpc, remove_top_patches, spearman
 from conftest import make_timm
 
-LOC = ["pixel_acc", "iou", "dice", "precision", "recall"]
+LOC = ["pixel_accuracy", "iou", "dice", "precision", "recall"]
 KEYS = LOC + ["n_images", "n_images_abpc", "auc_lerf", "auc_morf", "abpc", "texture_collapse", "entropy",
               "mass_outside"]
 
@@ -274,7 +274,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from conftest import make_timm
 from captum_vit.data import ShapesDataset
-from captum_vit.evaluate import evaluate
+from captum_vit.evaluation import evaluate
 
 if {dist}:
     torch.distributed.init_process_group("gloo")
@@ -341,7 +341,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import make_timm
 from captum_vit.data import ShapesDataset
-from captum_vit.evaluate import evaluate
+from captum_vit.evaluation import evaluate
 
 def stall(done, indices):
     if done == 2:
@@ -388,7 +388,7 @@ def test_committed_benchmark_results_come_from_this_code():
     """benchmarks/results/shapes_eval: its table is its store's summary, and its first batch recomputes equal."""
     import os
 
-    from captum_vit.evaluate import _summary, build_dataset, format_markdown
+    from captum_vit.evaluation import build_dataset, format_markdown, summary
     from captum_vit.models import load_model
 
     folder = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "shapes_eval")
@@ -396,11 +396,11 @@ def test_committed_benchmark_results_come_from_this_code():
     with load_store(folder) as rs:
         assert rs.attrs["complete"] and len(rs.done()) == 300
         assert rs.methods == ["agcam", "rollout", "lrp", "gae", "cdam", "raw"]
-        summary = _summary(rs, committed["metrics"])
+        method_summary = summary(rs, committed["metrics"])
         stored = rs.read("agcam")
     table = open(os.path.join(folder, "table.md")).read()
-    assert format_markdown({"methods": summary}, "shapes (300 images, shapes_vit)") + "\n" == table
-    for m, s in summary.items():
+    assert format_markdown({"methods": method_summary}, "shapes (300 images, shapes_vit)") + "\n" == table
+    for m, s in method_summary.items():
         for k, v in s.items():
             assert committed["methods"][m][k] == (None if np.isnan(v) else v), (m, k)
     model, cfg, _ = load_model("shapes_vit")

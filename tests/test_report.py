@@ -13,7 +13,7 @@ import pytest
 
 from captum_vit.cli import main
 from captum_vit.data import ShapesDataset
-from captum_vit.evaluate import StoreCorruptError, StoreVersionError, evaluate, load_store
+from captum_vit.evaluation import StoreCorruptError, StoreVersionError, evaluate, load_store
 from captum_vit.report import ReportError, build_report, select_pictures
 from conftest import make_timm
 

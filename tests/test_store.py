@@ -14,15 +14,15 @@ import torch
 
 from captum_vit.cli import main
 from captum_vit.data import ShapesDataset
-from captum_vit.evaluate import (
+from captum_vit.evaluation import (
     EvaluationInterrupted,
+    ResultStore,
     StoreCorruptError,
     StoreLockedError,
     StoreWriteError,
     evaluate,
     load_store,
 )
-from captum_vit.store import ResultStore
 from conftest import make_timm
 
 METHODS = "agcam,raw"
@@ -300,7 +300,7 @@ def test_non_finite_logits_and_maps_are_flagged_not_scored(tmp_path, capsys):
 
 
 def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch):
-    import captum_vit.evaluate as ev
+    import captum_vit.evaluation.runner as ev
 
     real, calls = ev._score_batch, []
 
@@ -355,7 +355,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from conftest import make_timm
 from captum_vit.data import ShapesDataset
-from captum_vit.evaluate import evaluate
+from captum_vit.evaluation import evaluate
 
 torch.distributed.init_process_group("gloo")
 ds = ShapesDataset("single", seed=2024, size=6, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -1,0 +1,60 @@
+"""The papers' evaluations: the runner, the crash-safe result store, the datasets by name and one metric schema.
+
+One job per module: :mod:`~captum_vit.evaluation.runner` (prepare, fingerprint, run this process's
+batches, merge), :mod:`~captum_vit.evaluation.store` (the per-image results on disk),
+:mod:`~captum_vit.evaluation.schema` (every metric's name, label and better end; the summary and
+the table), :mod:`~captum_vit.evaluation.datasets` (the datasets by name) and
+:mod:`~captum_vit.evaluation.options` (the options, spelled once).
+"""
+
+from captum_vit.evaluation.datasets import DATASETS, SHAPES_BENCHMARK, build_dataset, describe_dataset
+from captum_vit.evaluation.options import EvalOptions, RunOptions
+from captum_vit.evaluation.runner import (
+    INSENSITIVITY_FRACTION,
+    STORE_NAME,
+    EvaluationInterrupted,
+    evaluate,
+    fingerprint,
+    run_evaluation,
+    summary,
+    weights_fingerprint,
+)
+from captum_vit.evaluation.schema import METRIC_GROUPS, METRICS, Metric, format_markdown, json_safe
+from captum_vit.evaluation.store import (
+    ResultStore,
+    StoreCorruptError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreVersionError,
+    StoreWriteError,
+    load_store,
+)
+
+__all__ = [
+    "DATASETS",
+    "INSENSITIVITY_FRACTION",
+    "METRICS",
+    "METRIC_GROUPS",
+    "SHAPES_BENCHMARK",
+    "STORE_NAME",
+    "EvalOptions",
+    "EvaluationInterrupted",
+    "Metric",
+    "ResultStore",
+    "RunOptions",
+    "StoreCorruptError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "StoreVersionError",
+    "StoreWriteError",
+    "build_dataset",
+    "describe_dataset",
+    "evaluate",
+    "fingerprint",
+    "format_markdown",
+    "json_safe",
+    "load_store",
+    "run_evaluation",
+    "summary",
+    "weights_fingerprint",
+]
