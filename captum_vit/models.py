@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from captum_vit.vit.hf import is_hf_vit
+
 __all__ = ["load_model", "load_checkpoint_state", "class_names", "data_config_for", "preprocess_images", "SHAPES_NAME"]
 
 #: Name of the model shipped with the package (``captum_vit.zoo.shapes_vit``).
@@ -126,7 +128,7 @@ def data_config_for(model: nn.Module) -> Dict[str, Any]:
     with another ``img_size`` does not match). Hugging Face ViTs: a square resize to
     ``config.image_size`` with mean = std = 0.5, as their image processor does.
     """
-    if type(model).__name__ == "ViTForImageClassification":
+    if is_hf_vit(model):
         s = model.config.image_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return {"input_size": (model.config.num_channels, h, w), "interpolation": "bilinear", "mean": (0.5,) * 3,

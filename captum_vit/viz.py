@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["overlay", "save_overlay", "gallery", "to_captum_hwc", "colorize"]
+from captum_vit.metrics.localization import minmax_normalize, upsample
+
+__all__ = ["overlay", "save_overlay", "gallery", "to_captum_hwc", "colorize", "denormalise", "overlay_stems"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -44,10 +46,46 @@ def _cam_to_size(cam: ArrayLike, size: Tuple[int, int]) -> np.ndarray:
     t = torch.as_tensor(_to_numpy(cam)).detach().float().squeeze()
     if t.dim() != 2:
         raise ValueError(f"expected a single 2-D map, got shape {tuple(t.shape)}")
-    t = F.interpolate(t[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    lo, hi = t.min(), t.max()
-    t = (t - lo) / (hi - lo).clamp_min(1e-12)
-    return t.numpy()
+    return minmax_normalize(upsample(t, size))[0, 0].numpy()
+
+
+def denormalise(x: ArrayLike, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    r"""Undo a model's input normalisation: a ``[3, H, W]`` image tensor back to a uint8 picture.
+
+    ``x * std + mean`` per channel in float32, clipped to [0, 1], scaled to 255 and rounded
+    half to even (``torch.round``).
+
+    Args:
+        x (Tensor or ndarray): one normalised image ``[3, H, W]``, on any device.
+        mean (sequence of float): the per-channel mean it was normalised with (a data config's ``mean``).
+        std (sequence of float): the per-channel standard deviation (a data config's ``std``).
+
+    Returns:
+        ndarray: ``[H, W, 3]`` uint8 image.
+    """
+    x = torch.as_tensor(x).detach().cpu().float()
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def overlay_stems(images: Sequence[Union[str, os.PathLike]]) -> List[str]:
+    """One distinct output stem per image, in order: the file's stem, then ``_2``, ``_3``, ... on repeats.
+
+    Compared case-insensitively, so that two overlays never overwrite each other on a
+    case-insensitive file system either. ``export/agcam_ort.py`` keeps a copy of this rule (it
+    cannot import the package), so the command line and the kit name the same files alike.
+    """
+    used, stems = set(), []
+    for path in images:
+        base = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        stem, k = base, 1
+        while stem.casefold() in used:
+            k += 1
+            stem = f"{base}_{k}"
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
 
 
 def colorize(cam_01: np.ndarray, cmap: str = "jet") -> np.ndarray:

@@ -642,8 +642,8 @@ class CamSession:
                       alpha: float = 0.5) -> List[Dict[str, object]]:
         r"""Explain image files and write one overlay PNG per image.
 
-        Files are named ``<stem>_<method>_class<c>.png``; a stem given more than once gets ``-2``, ``-3``, ...
-        in input order so no overlay overwrites another.
+        Files are named ``<stem>_<method>_class<c>.png``; a stem given more than once (compared
+        case-insensitively) gets ``_2``, ``_3``, ... in input order so no overlay overwrites another.
 
         Args:
             paths (sequence of str): image files.
@@ -687,18 +687,22 @@ def _printable(text: object) -> str:
 
 
 def _unique_stems(paths: Sequence[Union[str, os.PathLike]]) -> List[str]:
-    stems = [os.path.splitext(os.path.basename(os.fspath(p)))[0] for p in paths]
-    taken = set(stems)
-    seen: set = set()
-    unique = []
-    for stem in stems:
-        name, k = stem, 1
-        while name in seen or (name != stem and name in taken):
+    """One distinct output stem per image, in order: the file's stem, then ``_2``, ``_3``, ... on repeats.
+
+    Compared case-insensitively, so that two overlays never overwrite each other on a case-insensitive
+    file system either. The same rule as ``captum_vit.viz.overlay_stems`` (copied: this file runs without
+    the package), so the kit and ``captum-vit explain`` name the overlays of the same images alike.
+    """
+    used, stems = set(), []
+    for path in paths:
+        base = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        stem, k = base, 1
+        while stem.casefold() in used:
             k += 1
-            name = f"{stem}-{k}"
-        seen.add(name)
-        unique.append(name)
-    return unique
+            stem = f"{base}_{k}"
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -389,7 +389,23 @@ def test_cuda_asked_for_but_not_loaded_falls_back_to_cpu(graph, monkeypatch):
 
 def test_unique_stems():
     paths = ["a/cat.jpg", "b/cat.png", "cat-2.jpg", "dog.jpg", "a/cat.jpg"]
-    assert rt._unique_stems(paths) == ["cat", "cat-3", "cat-2", "dog", "cat-4"]
+    assert rt._unique_stems(paths) == ["cat", "cat_2", "cat-2", "dog", "cat_3"]
+    assert rt._unique_stems([pathlib.Path("x/Dog.png"), "dog.JPG"]) == ["Dog", "dog_2"]
+
+
+@pytest.mark.parametrize("paths", [
+    ["a/cat.png", "b/cat.png", "cat.jpg", "img_2.png"],
+    ["a/img.png", "b/img.png", "img_2.png", "c/IMG.jpg", "d/other.png"],
+    ["a/cat.png", "cat_2.png", "b/cat.png", "Cat.JPG", "cat-2.png", "CAT_3.png", "x/cat"],
+    ["archive.tar.gz", "archive.tar.bz2", ".hidden", "noext", "noext.", "b/noext"],
+    [],
+])
+def test_unique_stems_are_the_packages_overlay_stems(paths):
+    # the kit keeps a copy of the package's naming rule: the same images get the same overlay names
+    from captum_vit.viz import overlay_stems
+
+    assert rt._unique_stems(paths) == overlay_stems(paths)
+    assert len({s.casefold() for s in overlay_stems(paths)}) == len(paths)
 
 
 def test_explain_files(cams, tmp_path):
@@ -399,7 +415,7 @@ def test_explain_files(cams, tmp_path):
     write_image((tmp_path / "b" / "cat.png"), (40, 70), seed=2)
     paths = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png"]
     records = cams.explain_files(paths, tmp_path / "out", target=3)
-    assert [os.path.basename(r["overlay"]) for r in records] == ["cat_agcam_class3.png", "cat-2_agcam_class3.png"]
+    assert [os.path.basename(r["overlay"]) for r in records] == ["cat_agcam_class3.png", "cat_2_agcam_class3.png"]
     x, views = cams.preprocess_files(paths)
     out = cams.run(x, 3)
     for i, r in enumerate(records):
@@ -455,7 +471,7 @@ def test_cli_without_torch(graph, tmp_path):
 
     cams = rt.CamSession(graph[0], device="cpu")
     out = cams.run(cams.preprocess_files(images)[0])
-    stems = ["one", "one-2", "two"]
+    stems = ["one", "one_2", "two"]
     for line, path, stem, logits, probs in zip(lines, images, stems, out.logits, out.probabilities):
         c = int(logits.argmax())
         overlay = tmp_path / "out" / f"{stem}_agcam_class{c}.png"

@@ -9,7 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from captum_vit.viz import colorize, gallery, overlay, save_overlay, to_captum_hwc
+from captum_vit.viz import (
+    _cam_to_size,
+    colorize,
+    denormalise,
+    gallery,
+    overlay,
+    overlay_stems,
+    save_overlay,
+    to_captum_hwc,
+)
 
 
 def _image(h=32, w=48, seed=0):
@@ -99,3 +108,53 @@ def test_to_captum_hwc_feeds_visualize_image_attr():
     assert fig is not None
     with pytest.raises(ValueError):
         to_captum_hwc(torch.rand(2, 3, 4, 4))
+
+
+def test_cam_to_size_is_the_protocols_upsample_then_minmax():
+    # the inline computation _cam_to_size used before it called the localization protocol's functions
+    def inline(cam, size):
+        t = torch.as_tensor(np.asarray(cam)).float().squeeze()
+        t = torch.nn.functional.interpolate(t[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        lo, hi = t.min(), t.max()
+        return ((t - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+    rng = np.random.default_rng(3)
+    for cam, size in [(rng.normal(size=(4, 6)), (32, 48)), (rng.random((1, 7, 5)).astype(np.float32), (30, 17)),
+                      (np.ones((1, 1, 3, 3)), (9, 9)), (rng.integers(0, 9, (5, 5)), (5, 5))]:
+        got = _cam_to_size(cam, size)
+        assert got.dtype == np.float32 and got.shape == size
+        assert np.array_equal(got, inline(cam, size))
+    with pytest.raises(ValueError, match="2-D map"):
+        _cam_to_size(np.zeros((2, 3, 3)), (4, 4))
+
+
+def test_denormalise_inverts_the_normalisation_to_uint8_hwc():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = _image(7, 9, seed=4)
+    x = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(
+        std).view(3, 1, 1)
+    out = denormalise(x, mean, std)
+    assert out.dtype == np.uint8 and out.shape == (7, 9, 3)
+    assert np.array_equal(out, img)
+    # clipped to [0, 1] before the scaling; a data config's lists work as well as tuples; numpy in as well
+    y = torch.tensor([[[-9.0, 9.0]]]).expand(3, 1, 2)
+    assert denormalise(y, [0.5] * 3, [0.5] * 3).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    assert np.array_equal(denormalise(x.numpy(), list(mean), list(std)), img)
+    # the two copies it replaces (command line: from a data config; report: mean and std) give the same bytes
+    z = torch.randn(3, 11, 13, generator=torch.Generator().manual_seed(0)) * 3
+    cfg = {"mean": mean, "std": std}
+    cli = ((z.cpu() * torch.tensor(cfg["std"]).view(3, 1, 1) + torch.tensor(cfg["mean"]).view(3, 1, 1)).clamp(0, 1)
+           * 255).round().byte().permute(1, 2, 0).numpy()
+    report = ((z.float() * torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+               + torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)).clamp(0, 1) * 255).round().byte().permute(
+        1, 2, 0).numpy()
+    assert np.array_equal(denormalise(z, cfg["mean"], cfg["std"]), cli)
+    assert np.array_equal(denormalise(z, mean, std), report)
+
+
+def test_overlay_stems_are_distinct_case_insensitively_and_in_order():
+    assert overlay_stems(["a/img.png", "b/img.png", "img_2.png", "c/IMG.jpg", "d/other.png"]) == [
+        "img", "img_2", "img_2_2", "IMG_3", "other"]
+    assert overlay_stems(["a/cat.png", "b/cat.png", "cat.jpg", "img_2.png"]) == ["cat", "cat_2", "cat_3", "img_2"]
+    assert overlay_stems(["a/cat.png", "cat_2.png", "b/cat.png", "Cat.JPG"]) == ["cat", "cat_2", "cat_3", "Cat_4"]
+    assert overlay_stems([]) == []

@@ -7,7 +7,7 @@ import torch
 
 from captum_vit.data import CLASSES, generate
 from captum_vit.zoo import SHAPES_CLASSES, shapes_vit, training_seeds
-from captum_vit.zoo.shapes import CONFIG_PATH, WEIGHTS_PATH, load_config
+from captum_vit.zoo.shapes import CONFIG_PATH, WEIGHTS_PATH, load_config, sha256_file
 
 HELDOUT_SEED = 12345  # disjoint from the training seeds (training_seeds in shapes_vit.json)
 
@@ -46,6 +46,20 @@ def test_training_seeds_missing_is_an_error(tmp_path):
     p.write_text("{}")
     with pytest.raises(RuntimeError, match="training_seeds"):
         training_seeds(str(p))
+
+
+def test_sha256_file_is_the_digest_of_the_bytes(tmp_path):
+    import hashlib
+
+    data = np.random.default_rng(0).integers(0, 256, (1 << 20) + 7, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert sha256_file(str(path)) == digest
+    assert sha256_file(str(path), chunk=1000) == digest  # more than one chunk, the last one short
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(str(tmp_path / "empty")) == hashlib.sha256(b"").hexdigest()
+    assert sha256_file(WEIGHTS_PATH) == load_config()["sha256"]
 
 
 def test_model_and_config(loaded):

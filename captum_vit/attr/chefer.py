@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from captum_vit.attr._base import ViTLayerAttribution, identity_like
 from captum_vit.vit import Record, Request, ViTAdapter
+from captum_vit.vit.vjp import layer_scale
 
 __all__ = ["TransformerAttribution", "GradientAttentionRollout"]
 
@@ -207,12 +208,12 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
             B, N, _ = act["x"].shape
             H, d = b.attn.num_heads, b.attn.head_dim
             # x' = u + ls2 * fc2(act(fc1(norm2(u))))
-            r_u, r_mlp = lrp_add(act["u"], _scaled(b.ls2, act["mlp_out"]), relevance)
+            r_u, r_mlp = lrp_add(act["u"], layer_scale(b.ls2, act["mlp_out"]), relevance)
             r_hidden = lrp_linear(act["act"] if b.mlp_norm is None else b.mlp_norm(act["act"]), b.fc2.weight, r_mlp)
             r_n2 = lrp_linear(act["n2"], b.fc1.weight, r_hidden)
             relevance = lrp_fork(act["u"], r_u, r_n2)
             # u = x + ls1 * proj(A v)
-            r_x, r_attn = lrp_add(act["x"], _scaled(b.ls1, act["attn_out"]), relevance)
+            r_x, r_attn = lrp_add(act["x"], layer_scale(b.ls1, act["attn_out"]), relevance)
             r_o = lrp_linear(act["o"], b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
             attn = record.attention[k]
             r_a, r_v = lrp_matmul(attn, act["v"], r_o)
@@ -230,7 +231,3 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
             return lrp_linear(n1, b.attn.qkv.weight, torch.cat(heads, dim=-1))
         # Separate projections: the fused rule splits over output neurons, so their relevances add.
         return sum(lrp_linear(n1, lin.weight, r) for lin, r in zip((b.attn.q, b.attn.k, b.attn.v), heads))
-
-
-def _scaled(gamma: Optional[Tensor], x: Tensor) -> Tensor:
-    return x if gamma is None else x * gamma

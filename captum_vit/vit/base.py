@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_norm_vjp, layer_scale_vjp, linear_vjp
+from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_norm_vjp, layer_scale, linear_vjp
 
 __all__ = [
     "AttentionParts",
@@ -100,7 +100,7 @@ class BlockParts:
         h = self.act(self.fc1(self.norm2(u)))
         if self.mlp_norm is not None:
             h = self.mlp_norm(h)
-        return _scale(self.ls2, self.fc2(h))
+        return layer_scale(self.ls2, self.fc2(h))
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,6 @@ class HeadParts:
         return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
 
 
-def _scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
-    return x if gamma is None else x * gamma
-
-
 def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index: int) -> Tensor:
     # A function of its own, so that the block's temporaries (qkv, attention output, u) are
     # freed when it returns, as in the model's own block forward, instead of living on
@@ -170,7 +166,7 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
             rec.scores_cls.append(None)
     heads_out = o.transpose(1, 2).flatten(2)
     attn_out = b.attn.output(heads_out)
-    u = tokens + _scale(b.ls1, attn_out)
+    u = tokens + layer_scale(b.ls1, attn_out)
     if req.cls_tokens:
         rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
     if not req.activations:
@@ -180,7 +176,7 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
     h = b.fc1(n2)
     a = b.act(h)
     m = b.fc2(b.mlp_norm(a) if b.mlp_norm is not None else a)
-    out = u + _scale(b.ls2, m)
+    out = u + layer_scale(b.ls2, m)
     rec.activations.append(
         {"x": tokens, "n1": a_in, "q": q, "k": k, "v": v, "o": heads_out, "attn_out": attn_out,
          "u": u, "n2": n2, "h": h, "act": a, "mlp_out": m}
@@ -663,7 +659,7 @@ class ViTAdapter:
         for k in range(self.num_layers - 1, first_layer - 1, -1):
             b, u = self.parts[k], rec.mid_cls[k]
             g = g + self._mlp_vjp(b, u, g)
-            r = linear_vjp(b.attn.proj, layer_scale_vjp(b.ls1, g))
+            r = linear_vjp(b.attn.proj, layer_scale(b.ls1, g))
             values = rec.values[k]
             grads[k] = torch.einsum("bhd,bhnd->bhn", r.reshape(B, H, d).to(values.dtype), values)
         return grads
@@ -673,7 +669,7 @@ class ViTAdapter:
         n = b.norm2(u)
         h = b.fc1(n)
         a = b.act(h)
-        g = linear_vjp(b.fc2, layer_scale_vjp(b.ls2, g))
+        g = linear_vjp(b.fc2, layer_scale(b.ls2, g))
         if b.mlp_norm is not None:
             g = layer_norm_vjp(a, b.mlp_norm, g)
         g = activation_vjp(activation_kind(b.act), h, g)

@@ -4,6 +4,9 @@ Each function takes the operation's input (or pre-activation) at one token per i
 ``[B, D]``, and a cotangent ``g`` of the same layout as the operation's output, and returns
 ``g`` pulled back to the input. They use forward-only tensor operations (no
 ``torch.autograd``), so they run under ``torch.inference_mode()`` and trace into an ONNX graph.
+
+:func:`layer_scale` is here too: LayerScale is diagonal, so the one function is both the
+forward operation and its transposed Jacobian, and the forward pass and the methods use it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["layer_norm_vjp", "linear_vjp", "activation_vjp", "layer_scale_vjp", "activation_kind"]
+__all__ = ["layer_norm_vjp", "linear_vjp", "activation_vjp", "layer_scale", "activation_kind"]
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -36,9 +39,13 @@ def linear_vjp(linear: nn.Linear, g: Tensor) -> Tensor:
     return g @ linear.weight
 
 
-def layer_scale_vjp(gamma: Optional[Tensor], g: Tensor) -> Tensor:
-    """LayerScale ``x * gamma`` is diagonal; ``None`` stands for the identity."""
-    return g if gamma is None else g * gamma
+def layer_scale(gamma: Optional[Tensor], x: Tensor) -> Tensor:
+    """LayerScale ``x * gamma``; ``None`` stands for the identity (a block without layer scale).
+
+    Diagonal, so it is its own transposed Jacobian: ``layer_scale(gamma, g)`` also pulls a
+    cotangent ``g`` back through it.
+    """
+    return x if gamma is None else x * gamma
 
 
 def activation_kind(act: nn.Module) -> Optional[str]:
