@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List, Optional
 
+from captum_vit.viz import denormalise, overlay_stems
+
 __all__ = ["main", "explain", "export", "overlay_stems", "build_parser"]
 
 
@@ -21,32 +23,6 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
     g.add_argument("--num-classes", type=int, metavar="N",
                    help="number of classes (default: from the checkpoint's head)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-
-
-def _denormalise(x, cfg):
-    import torch
-
-    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(3, 1, 1)
-    return ((x.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
-
-def overlay_stems(images: List[str]) -> List[str]:
-    """One distinct output stem per image, in order: the file's stem, then ``_2``, ``_3``, ... on repeats.
-
-    Compared case-insensitively, so that two overlays never overwrite each other on a
-    case-insensitive file system either.
-    """
-    used, stems = set(), []
-    for path in images:
-        base = os.path.splitext(os.path.basename(path))[0]
-        stem, k = base, 1
-        while stem.casefold() in used:
-            k += 1
-            stem = f"{base}_{k}"
-        used.add(stem.casefold())
-        stems.append(stem)
-    return stems
 
 
 def _image_problem(path: str) -> Optional[str]:
@@ -218,7 +194,7 @@ def explain(
                 continue
             png = os.path.join(out, f"{stems[j]}_{method}_class{c}.png")
             try:
-                save_overlay(png, _denormalise(x[i], cfg), cams[i, 0].detach().cpu())
+                save_overlay(png, denormalise(x[i], cfg["mean"], cfg["std"]), cams[i, 0].detach().cpu())
             except OSError as e:
                 raise ValueError(f"could not write the overlay {png!r} ({e.strerror or e}); free disk space or give "
                                  "another --out folder") from e

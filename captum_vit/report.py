@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from captum_vit.evaluation import METRICS, STORE_NAME, json_safe, load_store, summary
+from captum_vit.viz import denormalise
 
 __all__ = ["SCORES", "ReportError", "build_report", "select_pictures", "add_report_arguments", "run_report_from_args"]
 
@@ -93,12 +94,6 @@ def _heat(grid_map: np.ndarray, size: Tuple[int, int], threshold: float) -> Tupl
     return _webp(rgb, 70), boxes
 
 
-def _denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return ((x.float() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
-
 class _Images:
     """The store's images, rebuilt from the dataset its fingerprint describes."""
 
@@ -137,7 +132,7 @@ class _Images:
         s = self.ds[int(index)]
         if s is None:
             raise ReportError(f"image {index} of the dataset cannot be read now")
-        return _denormalise(s["image"], self.desc["mean"], self.desc["std"]), np.asarray(s["boxes"]).reshape(-1, 4)
+        return denormalise(s["image"], self.desc["mean"], self.desc["std"]), np.asarray(s["boxes"]).reshape(-1, 4)
 
 
 # -- the two-class section ---------------------------------------------------------------------

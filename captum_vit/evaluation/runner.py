@@ -65,6 +65,7 @@ from captum_vit.metrics import (
     remove_top_patches,
     texture_collapse,
 )
+from captum_vit.zoo.shapes import sha256_file
 
 __all__ = ["EvaluationInterrupted", "INSENSITIVITY_FRACTION", "STORE_NAME", "evaluate", "fingerprint",
            "run_evaluation", "summary", "weights_fingerprint"]
@@ -95,14 +96,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(model: torch.nn.Module, dataset: Any, classes: Mapping[str, type], options: EvalOptions,
                 checkpoint: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run's results: the store refuses to mix rows of runs whose fingerprints differ."""
@@ -111,7 +104,7 @@ def fingerprint(model: torch.nn.Module, dataset: Any, classes: Mapping[str, type
         "format_version": FORMAT_VERSION,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights_sha256": weights_fingerprint(model),
-        "checkpoint_sha256": _file_sha256(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "methods": {n: f"{c.__module__}.{c.__qualname__}" for n, c in classes.items()},
         "metrics": ident["metrics"],
         "threshold": ident["threshold"],
