@@ -126,26 +126,10 @@ def explain(
     map hold NaN or infinite values has ``"finite": False``, no overlay and a warning on stderr.
     ``json_path``: also write the records, the skipped files and the counts there (NaN as null).
     """
-    import torch
-
     from captum_vit.attr import METHODS
     from captum_vit.models import load_model
-    from captum_vit.viz import save_overlay
 
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be an integer of at least 1, got {batch_size!r}")
-    if not images:
-        raise ValueError("no image files given; pass one or more image paths")
-    _check_out_folder(out)
-    if json_path is not None:
-        _check_json_path(json_path)
-    if on_error == "raise":  # missing files and folders are found before the model is loaded
-        for path in images:
-            problem = _image_problem(path)
-            if problem:
-                raise ValueError(f"{problem} (or pass --on-error skip to explain the other images)")
+    _check_explain_options(images, out, batch_size, on_error, json_path)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
@@ -153,7 +137,8 @@ def explain(
     explainer = METHODS[method](net)
     _make_out_folder(out)
     stems = overlay_stems(images)
-    records, skipped = [], []
+    records: List[dict] = []
+    skipped: List[dict] = []
     for start in range(0, len(images), batch_size):
         batch, idx = [], []
         for j in range(start, min(start + batch_size, len(images))):
@@ -167,43 +152,9 @@ def explain(
                 print(f"captum-vit explain: skipped {images[j]}: {e}", file=sys.stderr)
                 continue
             idx.append(j)
-        if not batch:
-            continue
-        x = torch.cat(batch).to(device)
-        # one forward per batch: the method returns the logits of the forward it explains
-        cams, logits = explainer.attribute(x, target=target, return_logits=True)
-        logits = logits.detach().float()
-        probs = logits.softmax(-1)
-        pred = probs.argmax(-1)
-        for i, j in enumerate(idx):
-            path = images[j]
-            logits_ok = bool(logits[i].isfinite().all())
-            finite = logits_ok and bool(cams[i].detach().isfinite().all())
-            p = int(pred[i]) if logits_ok else None
-            c = p if target is None or int(target) < 0 else int(target)  # negative: the predicted class
-            rec = {
-                "image": path, "predicted": p, "predicted_name": names[p] if names and p is not None else None,
-                "probability": float(probs[i, p]) if p is not None else float("nan"), "target": c,
-                "target_probability": float(probs[i, c]) if c is not None else float("nan"),
-                "overlay": None, "finite": finite,
-            }
-            records.append(rec)
-            if not finite:
-                # a map computed from NaNs must not look like a result: no picture, a flag and a warning
-                print(f"captum-vit explain: warning: {_nonfinite_warning(path, logits_ok)}", file=sys.stderr)
-                continue
-            png = os.path.join(out, f"{stems[j]}_{method}_class{c}.png")
-            try:
-                save_overlay(png, denormalise(x[i], cfg["mean"], cfg["std"]), cams[i, 0].detach().cpu())
-            except OSError as e:
-                raise ValueError(f"could not write the overlay {png!r} ({e.strerror or e}); free disk space or give "
-                                 "another --out folder") from e
-            rec["overlay"] = png
-            name = f" ({rec['predicted_name']})" if names else ""
-            line = f"{path}: predicted class {p}{name}, p={rec['probability']:.3f}"
-            if target is not None:
-                line += f"; explained class {c}, p={rec['target_probability']:.3f}"
-            print(f"{line} -> {png}")
+        if batch:
+            records += _explain_batch(explainer, batch, [images[j] for j in idx], [stems[j] for j in idx], cfg,
+                                      names, target, method, out, device)
     n_bad = sum(not r["finite"] for r in records)
     if json_path is not None:
         _write_json(json_path, {
@@ -217,6 +168,69 @@ def explain(
     if not records:
         raise ValueError(f"none of the {len(images)} image files could be read (see the messages above); give "
                          "readable image files")
+    return records
+
+
+def _check_explain_options(images: List[str], out: str, batch_size: int, on_error: str,
+                           json_path: Optional[str]) -> None:
+    """Refuse bad options, and in raise mode missing files and folders, before the model is loaded."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer of at least 1, got {batch_size!r}")
+    if not images:
+        raise ValueError("no image files given; pass one or more image paths")
+    _check_out_folder(out)
+    if json_path is not None:
+        _check_json_path(json_path)
+    if on_error == "raise":
+        for path in images:
+            problem = _image_problem(path)
+            if problem:
+                raise ValueError(f"{problem} (or pass --on-error skip to explain the other images)")
+
+
+def _explain_batch(explainer, batch: list, paths: List[str], stems: List[str], cfg: dict,  # noqa: PLR0913
+                   names: Optional[List[str]], target: Optional[int], method: str, out: str, device: str) -> List[dict]:
+    """One batch: one forward (the method returns the logits of the forward it explains), a record and an overlay
+    per image; a map computed from NaNs must not look like a result, so it gets a flag and a warning instead."""
+    import torch
+
+    from captum_vit.viz import save_overlay
+
+    x = torch.cat(batch).to(device)
+    cams, logits = explainer.attribute(x, target=target, return_logits=True)
+    logits = logits.detach().float()
+    probs = logits.softmax(-1)
+    pred = probs.argmax(-1)
+    records = []
+    for i, path in enumerate(paths):
+        logits_ok = bool(logits[i].isfinite().all())
+        finite = logits_ok and bool(cams[i].detach().isfinite().all())
+        p = int(pred[i]) if logits_ok else None
+        c = p if target is None or int(target) < 0 else int(target)  # negative: the predicted class
+        rec = {
+            "image": path, "predicted": p, "predicted_name": names[p] if names and p is not None else None,
+            "probability": float(probs[i, p]) if p is not None else float("nan"), "target": c,
+            "target_probability": float(probs[i, c]) if c is not None else float("nan"),
+            "overlay": None, "finite": finite,
+        }
+        records.append(rec)
+        if not finite:
+            print(f"captum-vit explain: warning: {_nonfinite_warning(path, logits_ok)}", file=sys.stderr)
+            continue
+        png = os.path.join(out, f"{stems[i]}_{method}_class{c}.png")
+        try:
+            save_overlay(png, denormalise(x[i], cfg["mean"], cfg["std"]), cams[i, 0].detach().cpu())
+        except OSError as e:
+            raise ValueError(f"could not write the overlay {png!r} ({e.strerror or e}); free disk space or give "
+                             "another --out folder") from e
+        rec["overlay"] = png
+        name = f" ({rec['predicted_name']})" if names else ""
+        line = f"{path}: predicted class {p}{name}, p={rec['probability']:.3f}"
+        if target is not None:
+            line += f"; explained class {c}, p={rec['target_probability']:.3f}"
+        print(f"{line} -> {png}")
     return records
 
 

@@ -177,6 +177,13 @@ def run_demo(
         "methods": method_scores,
         "files": {},
     }
+    _write_files(scores, rows, out, gallery_rows, t_start, stream)
+    return scores
+
+
+def _write_files(scores: Dict[str, Any], rows: Mapping[str, Any], out: Optional[str], gallery_rows: int,
+                 t_start: float, stream: TextIO) -> None:
+    """The gallery, the table (printed and ``scores.txt``) and ``scores.json``; their paths go in ``scores``."""
     if out is not None:
         os.makedirs(out, exist_ok=True)
         if gallery_rows > 0 and rows["images"]:
@@ -197,7 +204,6 @@ def run_demo(
         with open(path, "w", encoding="utf-8") as f:
             json.dump(json_safe(scores), f, indent=2)
         print(f"wrote {', '.join(scores['files'].values())} in {scores['runtime_s']:.1f} s", file=stream)
-    return scores
 
 
 def validate_demo_options(n: int, seed: int, threshold: float, batch_size: int = 1) -> None:

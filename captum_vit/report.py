@@ -29,6 +29,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -282,101 +283,39 @@ def build_report(
     if int(per_score) < 0 or int(sample) < 0 or int(pairs) < 0:
         raise ReportError("--per-score, --sample and --pairs must be 0 or more")
     _check_out(out)
+    v = _read_store(store, int(per_score), int(sample), int(seed))
     notes: List[str] = []
-    with load_store(store) as rs:
-        fp, attrs = rs.fingerprint, dict(rs.attrs)
-        methods = list(rs.methods)  # the run's order, as in its evaluate table
-        run = json.loads(attrs.get("run", "{}") or "{}")
-        groups = list(fp.get("metrics", []))
-        method_summary = summary(rs, groups)
-        rows = {m: rs.read(m, maps=False) for m in methods}
-        index = rows[methods[0]]["index"]
-        for m in methods[1:]:
-            index = np.intersect1d(index, rows[m]["index"])
-        keep = {m: np.isin(rows[m]["index"], index) for m in methods}
-        rows = {m: {c: v[keep[m]] for c, v in r.items()} for m, r in rows.items()}
-        score_cols = [c for c in SCORES if c in rows[methods[0]]]
-        scores = {m: {c: rows[m][c] for c in score_cols} for m in methods}
-        picks = select_pictures(scores, len(index), int(per_score), int(sample), int(seed))
-        has_maps = bool(rs.maps)
-        maps: Dict[str, Dict[str, np.ndarray]] = {}
-        n_skipped = len(rs.skipped())
-        if has_maps and len(picks):
-            for m in methods:  # the map columns of the picked rows only: a large store is never read whole
-                maps[m] = rs.read_maps(m, index[picks])
-    first = rows[methods[0]]
-    n_images = int(len(index))
-    n_total = int(attrs.get("n_total", n_images))
+    n_images = int(len(v.index))
+    n_total = int(v.attrs.get("n_total", n_images))
     # complete: every image was computed or counted as skipped (unreadable under --on-error skip)
-    complete = bool(attrs.get("complete", False)) and n_images + n_skipped >= n_total
+    complete = bool(v.attrs.get("complete", False)) and n_images + v.n_skipped >= n_total
     if not complete:
         warn(f"the run is incomplete: {n_images} of {n_total} images in the store; the report shows what it holds")
-    threshold = float(fp.get("threshold", 0.5))
-
-    classes: List[str] = []
-    pics: Dict[str, Any] = {}
-    try:
-        images = _Images(fp, run)
-        classes = images.classes
-    except (ReportError, FileNotFoundError, OSError, ValueError, KeyError) as e:
-        images = None
-        notes.append(f"No pictures: the images could not be rebuilt ({e}); the scores are all here.")
-        warn(notes[-1])
-    if images is not None:
-        for k, p in enumerate(picks.tolist()):
-            img, gt = images.get(int(index[p]))
-            size = tuple(img.shape[:2])
-            entry: Dict[str, Any] = {"img": _webp(img, 85), "hw": list(size), "gt": gt.tolist(), "m": {}}
-            wrong = int(first["label"][p]) != int(first["pred"][p])
-            for m in methods:
-                if not has_maps:
-                    continue
-                heat, boxes = _heat(maps[m]["map_pred"][k].astype(np.float32), size, threshold)
-                cell = {"heat": heat, "boxes": boxes}
-                if wrong:
-                    heat, boxes = _heat(maps[m]["map_label"][k].astype(np.float32), size, threshold)
-                    cell.update(heat_label=heat, boxes_label=boxes)
-                entry["m"][m] = cell
-            pics[str(int(index[p]))] = entry
-        if not has_maps:
-            notes.append("The run kept no maps (--no-maps): the pictures show the images and their boxes only.")
-    pair_rows = _pairs(fp, run, methods, int(pairs), threshold, model) if pairs else []
+    threshold = float(v.fp.get("threshold", 0.5))
+    classes, pics = _pictures(v, threshold, notes, warn)
+    pair_rows = _pairs(v.fp, v.run, v.methods, int(pairs), threshold, model) if pairs else []
 
     from captum_vit import __version__
     from captum_vit.viz import colorize
 
     jet = ["#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb)
            for rgb in colorize(np.linspace(0, 1, 11)[None], _CMAP)[0]]
-    dataset_name = run.get("dataset") or fp.get("dataset", {}).get("class", "dataset")
-    model_name = run.get("model") or fp.get("model", "model").rsplit(".", 1)[-1]
+    dataset_name = v.run.get("dataset") or v.fp.get("dataset", {}).get("class", "dataset")
+    model_name = v.run.get("model") or v.fp.get("model", "model").rsplit(".", 1)[-1]
     title = title or f"captum-vit report: {dataset_name}, {model_name}"
     meta = {
-        "title": title, "methods": methods, "classes": classes, "n_images": n_images, "n_total": n_total,
+        "title": title, "methods": v.methods, "classes": classes, "n_images": n_images, "n_total": n_total,
         "complete": complete, "threshold": threshold, "alpha": _ALPHA, "jet": jet,
         "scores": [{"key": c, "label": SCORES[c][0], "better": SCORES[c][1],
-                    "group": next(m.group for m in METRICS if m.key == c)} for c in score_cols],
+                    "group": next(m.group for m in METRICS if m.key == c)} for c in v.scores[v.methods[0]]],
         "per_score": int(per_score), "sample": int(sample), "seed": int(seed), "n_pictures": len(pics),
-        "has_maps": has_maps, "notes": notes, "version": __version__,
-        "store_version": attrs.get("captum_vit_version", "unknown"), "run": run,
-        "dataset": fp.get("dataset", {}),
-        "accuracy": float((first["label"] == first["pred"]).mean()) if n_images else None,
+        "has_maps": v.has_maps, "notes": notes, "version": __version__,
+        "store_version": v.attrs.get("captum_vit_version", "unknown"), "run": v.run,
+        "dataset": v.fp.get("dataset", {}),
+        "accuracy": float((v.first["label"] == v.first["pred"]).mean()) if n_images else None,
     }
-    parts = [
-        '{"meta":', json.dumps(json_safe(meta), allow_nan=False),
-        ',"summary":', json.dumps(json_safe(method_summary), allow_nan=False),
-        ',"idx":', _column_json(index.astype(np.float64), 0).replace(".0", ""),
-        ',"y":', json.dumps(first["label"].tolist()),
-        ',"p":', json.dumps(first["pred"].tolist()),
-        ',"pp":', _column_json(first["prob_pred"]),
-        ',"pl":', _column_json(first["prob_label"]),
-        ',"scores":{',
-        ",".join(json.dumps(m) + ":{" + ",".join(json.dumps(c) + ":" + _column_json(v) for c, v in cols.items()) + "}"
-                 for m, cols in scores.items()),
-        '},"pics":', json.dumps(pics),
-        ',"pairs":', json.dumps(json_safe(pair_rows)), "}",
-    ]
     with open(_TEMPLATE, encoding="utf-8") as f:
-        page = _fill_template(f.read(), title, "".join(parts))
+        page = _fill_template(f.read(), title, _page_data(v, meta, pics, pair_rows))
     tmp = out + ".part"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
@@ -384,6 +323,90 @@ def build_report(
     return {"path": out, "bytes": os.path.getsize(out), "n_images": n_images, "n_total": n_total,
             "complete": complete, "n_pictures": len(pics), "pictures": sorted(int(k) for k in pics),
             "n_pairs": len(pair_rows), "notes": notes}
+
+
+@dataclass
+class _StoreView:
+    """What the page shows of a store: the rows every method holds, their scores, the picked maps."""
+
+    fp: Dict[str, Any]
+    attrs: Dict[str, Any]
+    run: Dict[str, Any]
+    methods: List[str]
+    summary: Dict[str, Any]
+    index: np.ndarray  # dataset indices every method holds, sorted
+    first: Dict[str, np.ndarray]  # the first method's rows (labels, predictions, probabilities)
+    scores: Dict[str, Dict[str, np.ndarray]]
+    picks: np.ndarray  # positions in ``index`` that get pictures
+    maps: Dict[str, Dict[str, np.ndarray]]
+    has_maps: bool
+    n_skipped: int
+
+
+def _read_store(store: str, per_score: int, sample: int, seed: int) -> _StoreView:
+    with load_store(store) as rs:
+        fp, attrs = rs.fingerprint, dict(rs.attrs)
+        methods = list(rs.methods)  # the run's order, as in its evaluate table
+        rows = {m: rs.read(m, maps=False) for m in methods}
+        index = rows[methods[0]]["index"]
+        for m in methods[1:]:
+            index = np.intersect1d(index, rows[m]["index"])
+        rows = {m: {c: v[np.isin(r["index"], index)] for c, v in r.items()} for m, r in rows.items()}
+        score_cols = [c for c in SCORES if c in rows[methods[0]]]
+        scores = {m: {c: rows[m][c] for c in score_cols} for m in methods}
+        picks = select_pictures(scores, len(index), per_score, sample, seed)
+        # the map columns of the picked rows only: a large store is never read whole
+        maps = {m: rs.read_maps(m, index[picks]) for m in methods} if rs.maps and len(picks) else {}
+        return _StoreView(fp=fp, attrs=attrs, run=json.loads(attrs.get("run", "{}") or "{}"), methods=methods,
+                          summary=summary(rs, list(fp.get("metrics", []))), index=index, first=rows[methods[0]],
+                          scores=scores, picks=picks, maps=maps, has_maps=bool(rs.maps), n_skipped=len(rs.skipped()))
+
+
+def _pictures(v: _StoreView, threshold: float, notes: List[str],
+              warn: Callable[[str], None]) -> Tuple[List[str], Dict[str, Any]]:
+    """The class names and the picked images with each method's overlays (both maps where the prediction is wrong)."""
+    try:
+        images = _Images(v.fp, v.run)
+    except (ReportError, FileNotFoundError, OSError, ValueError, KeyError) as e:
+        notes.append(f"No pictures: the images could not be rebuilt ({e}); the scores are all here.")
+        warn(notes[-1])
+        return [], {}
+    pics: Dict[str, Any] = {}
+    for k, p in enumerate(v.picks.tolist()):
+        img, gt = images.get(int(v.index[p]))
+        size = tuple(img.shape[:2])
+        entry: Dict[str, Any] = {"img": _webp(img, 85), "hw": list(size), "gt": gt.tolist(), "m": {}}
+        wrong = int(v.first["label"][p]) != int(v.first["pred"][p])
+        for m in v.methods if v.has_maps else ():
+            heat, boxes = _heat(v.maps[m]["map_pred"][k].astype(np.float32), size, threshold)
+            cell = {"heat": heat, "boxes": boxes}
+            if wrong:
+                heat, boxes = _heat(v.maps[m]["map_label"][k].astype(np.float32), size, threshold)
+                cell.update(heat_label=heat, boxes_label=boxes)
+            entry["m"][m] = cell
+        pics[str(int(v.index[p]))] = entry
+    if not v.has_maps:
+        notes.append("The run kept no maps (--no-maps): the pictures show the images and their boxes only.")
+    return images.classes, pics
+
+
+def _page_data(v: _StoreView, meta: Mapping[str, Any], pics: Mapping[str, Any], pair_rows: List[Any]) -> str:
+    """The page's data as one JSON object (columns written compactly, NaN as null)."""
+    parts = [
+        '{"meta":', json.dumps(json_safe(meta), allow_nan=False),
+        ',"summary":', json.dumps(json_safe(v.summary), allow_nan=False),
+        ',"idx":', _column_json(v.index.astype(np.float64), 0).replace(".0", ""),
+        ',"y":', json.dumps(v.first["label"].tolist()),
+        ',"p":', json.dumps(v.first["pred"].tolist()),
+        ',"pp":', _column_json(v.first["prob_pred"]),
+        ',"pl":', _column_json(v.first["prob_label"]),
+        ',"scores":{',
+        ",".join(json.dumps(m) + ":{" + ",".join(json.dumps(c) + ":" + _column_json(col) for c, col in cols.items())
+                 + "}" for m, cols in v.scores.items()),
+        '},"pics":', json.dumps(pics),
+        ',"pairs":', json.dumps(json_safe(pair_rows)), "}",
+    ]
+    return "".join(parts)
 
 
 # -- command line -----------------------------------------------------------------------------
