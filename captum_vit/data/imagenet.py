@@ -37,7 +37,7 @@ import csv
 import os
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .boxes import AnnotatedImageDataset, Box, DatasetFileError, Record, check_box, parse_voc_xml
 
@@ -296,16 +296,18 @@ class ImageNetVal(AnnotatedImageDataset):
         if not tokens or len(tokens) % 5:
             raise DatasetFileError(where, f"PredictionString must be groups of 'wnid xmin ymin xmax ymax', "
                                           f"got {len(tokens)} tokens")
-        wnids, boxes = set(), []
+        wnids: Set[str] = set()
+        boxes: List[Box] = []
         for k in range(0, len(tokens), 5):
             wnids.add(tokens[k])
             try:
-                box = tuple(float(v) for v in tokens[k + 1:k + 5])
+                x0, y0, x1, y1 = (float(v) for v in tokens[k + 1:k + 5])
             except ValueError:
                 raise DatasetFileError(where, f"non-numeric box {tokens[k + 1:k + 5]}") from None
+            box = (x0, y0, x1, y1)
             check_box(box, where)
             boxes.append(box)
         if len(wnids) != 1:
             # validation images carry one label; a row naming several would make the label a guess
             raise DatasetFileError(where, f"boxes of several classes {sorted(wnids)}")
-        return wnids.pop(), tuple(boxes)  # type: ignore[return-value]
+        return wnids.pop(), tuple(boxes)
