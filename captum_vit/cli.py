@@ -100,7 +100,7 @@ def _nonfinite_warning(path: str, logits_ok: bool) -> str:
             "written; the model's activations overflow on this image: check the weights and the input scaling")
 
 
-def explain(
+def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one keyword per flag
     images: List[str],
     model: str,
     checkpoint: Optional[str] = None,
@@ -254,7 +254,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 1 if any(not r["finite"] for r in records) else 0
 
 
-def export(
+def export(  # noqa: PLR0913 - the Python face of `captum-vit export`: one keyword per flag
     out: str,
     model: str = "shapes_vit",
     checkpoint: Optional[str] = None,

@@ -64,7 +64,7 @@ def format_table(scores: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
+def run_demo(  # noqa: PLR0913 - the Python face of `captum-vit demo`: one keyword per flag
     n: int = 300,
     seed: int = 2024,
     out: Optional[str] = "captum_vit_demo",

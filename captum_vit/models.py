@@ -92,7 +92,7 @@ def load_model(
     state = load_checkpoint_state(checkpoint) if checkpoint else None
     if num_classes is None and state is not None:
         num_classes = _infer_num_classes(state)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -129,9 +129,10 @@ def data_config_for(model: nn.Module) -> Dict[str, Any]:
     ``config.image_size`` with mean = std = 0.5, as their image processor does.
     """
     if is_hf_vit(model):
-        s = model.config.image_size
+        config: Any = model.config  # transformers' ViTConfig
+        s = config.image_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return {"input_size": (model.config.num_channels, h, w), "interpolation": "bilinear", "mean": (0.5,) * 3,
+        return {"input_size": (config.num_channels, h, w), "interpolation": "bilinear", "mean": (0.5,) * 3,
                 "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "squash"}
     from timm.data import resolve_data_config
 
@@ -151,7 +152,8 @@ def class_names(model: nn.Module) -> Optional[List[str]]:
         subset = infer_imagenet_subset(model)
         if subset:
             info = ImageNetInfo(subset)
-            return [info.index_to_description(i) for i in range(model.num_classes)]
+            num_classes: Any = model.num_classes  # timm's
+            return [info.index_to_description(i) for i in range(num_classes)]
     except Exception:
         pass
     return None

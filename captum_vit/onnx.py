@@ -45,10 +45,10 @@ class _ExportGraph(nn.Module):
         self.model = method.model  # registered, so that the exporter stores each weight once
         self.method = method
         self.cam_image = cam_image
-        self.half = half
+        self.fp16 = half  # not `half`: that would hide nn.Module.half()
 
     def forward(self, image: Tensor, target: Tensor):
-        x = image.half() if self.half else image
+        x = image.half() if self.fp16 else image
         request = self.method._request()
         record = self.method.adapter.forward(x, request)
         logits = record.logits

@@ -185,7 +185,7 @@ def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequ
     labels = torch.tensor([list(ds[i]["label"]) for i in range(len(ds))])  # [n, 2] sorted class pairs
     with torch.no_grad():
         probs = model(x).float().softmax(-1)
-    size = tuple(x.shape[-2:])
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     rows: List[Dict[str, Any]] = []
     for i in range(len(ds)):
         r = ds.raw(i)
@@ -242,7 +242,7 @@ def _check_out(out: str) -> None:
         raise ReportError(f"the folder of --out {out!r} does not exist; create {folder!r} first")
 
 
-def build_report(
+def build_report(  # noqa: PLR0913 - the Python face of `captum-vit report`: one keyword per flag
     store: str,
     out: str,
     per_score: int = 3,
@@ -374,7 +374,7 @@ def _pictures(v: _StoreView, threshold: float, notes: List[str],
     pics: Dict[str, Any] = {}
     for k, p in enumerate(v.picks.tolist()):
         img, gt = images.get(int(v.index[p]))
-        size = tuple(img.shape[:2])
+        size = (int(img.shape[0]), int(img.shape[1]))
         entry: Dict[str, Any] = {"img": _webp(img, 85), "hw": list(size), "gt": gt.tolist(), "m": {}}
         wrong = int(v.first["label"][p]) != int(v.first["pred"][p])
         for m in v.methods if v.has_maps else ():

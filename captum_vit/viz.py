@@ -158,7 +158,8 @@ def _draw_boxes(ax, boxes, color: str, lw: float = 1.5) -> None:
                                fill=False, edgecolor=color, linewidth=lw))
 
 
-def gallery(
+# the public figure: what to draw (images, boxes, maps) and how, all drawing options keywords with defaults
+def gallery(  # noqa: PLR0913
     path: str,
     images_uint8: Union[Sequence[ArrayLike], ArrayLike],
     gt_boxes: Optional[Sequence[ArrayLike]],

@@ -1,13 +1,17 @@
 """Inputs the datasets must not silently misread: label numbering, stray folders, untrustworthy
 annotations, and image files whose values PIL's ``convert("RGB")`` would clip."""
 
-import configparser
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib
 
 from captum_vit.data import (
     CLASSES,
@@ -91,9 +95,8 @@ def test_shipped_wnid_list_is_timms_and_ships_in_the_wheel():
     with open(os.path.join(ROOT, "captum_vit", "data", "imagenet_wnids.txt")) as f:
         shipped = [line.strip() for line in f if line.strip()]
     assert shipped == WNIDS and len(shipped) == 1000 and shipped == sorted(set(shipped))
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(ROOT, "setup.cfg"))
-    data_files = cfg["options.package_data"]["captum_vit.data"].replace(",", " ").split()
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["package-data"]["captum_vit.data"]
     assert "imagenet_wnids.txt" in data_files
 
 

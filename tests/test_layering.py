@@ -1,6 +1,6 @@
 """The deployment runtime under ``export/`` must run without torch (numpy, pillow and onnxruntime only).
 
-import-linter checks the layering inside the ``captum_vit`` package (contracts in setup.cfg);
+import-linter checks the layering inside the ``captum_vit`` package (contracts in pyproject.toml);
 ``export/`` lives beside the package, so its rule is checked here by reading the sources.
 """
 

@@ -26,7 +26,7 @@ def test_shipped_files():
 
 
 def test_package_folder_holds_weights_and_config_only():
-    """setup.cfg ships captum_vit/zoo/*.pth and *.json; training code and logs belong in tools/."""
+    """pyproject.toml ships captum_vit/zoo/*.pth and *.json; training code and logs belong in tools/."""
     folder = os.path.dirname(WEIGHTS_PATH)
     files = {f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))}
     assert {f for f in files if not f.endswith((".py", ".pth", ".json"))} == set()

@@ -173,32 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         logf.close()
 
 
-def _run(a: argparse.Namespace, log) -> Dict[str, object]:
-    t_start = time.time()
-    torch.manual_seed(a.seed)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    log(f"args: {vars(a)}")
-    log(f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}")
-
-    train_ds, val_ds = load_datasets(a.dataset, a.root, a.img_size, a.year)
-    if len(train_ds) == 0:
-        raise ValueError(f"no training images found for {a.dataset} under {a.root}")
-    classes: List[str] = list(train_ds.classes)
-    train_split, val_split = SPLITS[a.dataset]
-    fingerprint = data_fingerprint({train_split: train_ds, val_split: val_ds})
-    log(f"data: {len(train_ds)} {train_split} / {len(val_ds)} {val_split} images, {len(classes)} classes, "
-        f"fingerprint {fingerprint[:16]}")
-
-    g = torch.Generator().manual_seed(a.seed)
-    # drop_last: a last batch of one or two images would give a noisy step; shuffling spreads the leftovers
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=a.batch_size, shuffle=True, generator=g,
-                                               num_workers=a.workers, collate_fn=collate_annotated,
-                                               drop_last=len(train_ds) > a.batch_size)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=a.batch_size, shuffle=False,
-                                             num_workers=a.workers, collate_fn=collate_annotated)
-
-    model = build_model(a.model, len(classes), a.pretrained, a.checkpoint, a.img_size)
+def _optimizer(a: argparse.Namespace, model: torch.nn.Module, log) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (the head only with ``--freeze-backbone``)."""
     head_params = {id(p_) for p_ in model.get_classifier().parameters()}
     if a.freeze_backbone:
         for p_ in model.parameters():
@@ -213,7 +189,17 @@ def _run(a: argparse.Namespace, log) -> Dict[str, object]:
                             lr=a.lr)
     log(f"model: {a.model}, {sum(p_.numel() for _, p_ in trainable) / 1e6:.2f}M trainable of "
         f"{sum(p_.numel() for p_ in model.parameters()) / 1e6:.2f}M parameters")
+    return opt
 
+
+def _fit(a: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer, loaders, g: torch.Generator,
+         log) -> Tuple[int, List[float], List[Dict[str, object]], float, float]:
+    """Train for ``--epochs`` (at most ``--max-steps``), evaluating after each epoch.
+
+    ``loaders``: ``(train, val)``. Returns ``(steps, losses, history, train accuracy, val accuracy)``.
+    """
+    train_loader, val_loader = loaders
+    val_split = SPLITS[a.dataset][1]
     total = a.epochs * len(train_loader)
     if a.max_steps:
         total = min(total, a.max_steps)
@@ -253,6 +239,37 @@ def _run(a: argparse.Namespace, log) -> Dict[str, object]:
             f"elapsed {time.time() - t_train:.0f}s")
         if step >= total:
             break
+    return step, losses, history, train_acc, val_acc
+
+
+def _run(a: argparse.Namespace, log) -> Dict[str, object]:
+    t_start = time.time()
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    log(f"args: {vars(a)}")
+    log(f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}")
+
+    train_ds, val_ds = load_datasets(a.dataset, a.root, a.img_size, a.year)
+    if len(train_ds) == 0:
+        raise ValueError(f"no training images found for {a.dataset} under {a.root}")
+    classes: List[str] = list(train_ds.classes)
+    train_split, val_split = SPLITS[a.dataset]
+    fingerprint = data_fingerprint({train_split: train_ds, val_split: val_ds})
+    log(f"data: {len(train_ds)} {train_split} / {len(val_ds)} {val_split} images, {len(classes)} classes, "
+        f"fingerprint {fingerprint[:16]}")
+
+    g = torch.Generator().manual_seed(a.seed)
+    # drop_last: a last batch of one or two images would give a noisy step; shuffling spreads the leftovers
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=a.batch_size, shuffle=True, generator=g,
+                                               num_workers=a.workers, collate_fn=collate_annotated,
+                                               drop_last=len(train_ds) > a.batch_size)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=a.batch_size, shuffle=False,
+                                             num_workers=a.workers, collate_fn=collate_annotated)
+
+    model = build_model(a.model, len(classes), a.pretrained, a.checkpoint, a.img_size)
+    opt = _optimizer(a, model, log)
+    step, losses, history, train_acc, val_acc = _fit(a, model, opt, (train_loader, val_loader), g, log)
 
     model.eval()
     wpath = os.path.join(a.out, "model.pth")

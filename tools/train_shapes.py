@@ -36,6 +36,8 @@ import multiprocessing as mp
 import os
 import platform
 import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -221,7 +223,7 @@ def evaluate_pairs_top2(model, seed, n, bs=100):
     return hit / n
 
 
-def main(argv=None):
+def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--train-seed", type=int, default=0)
@@ -273,8 +275,11 @@ def main(argv=None):
                    help="stochastic depth during training (timm's drop_path_rate, linear over the blocks): a "
                         "block's attention or MLP branch is skipped per sample; inactive in eval mode and not "
                         "part of the shipped config")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _open_log(a):
+    """``(log, file)``: ``log(msg)`` prints a timestamped line and appends it to ``<log-dir>/<name>_train_log.txt``."""
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.log_dir, exist_ok=True)
     log_path = os.path.join(a.log_dir, a.name + "_train_log.txt")
@@ -286,29 +291,36 @@ def main(argv=None):
         logf.write(line + "\n")
         logf.flush()
 
-    t_start = time.time()
-    torch.manual_seed(a.train_seed)
-    np.random.seed(a.train_seed)
-    torch.set_num_threads(a.threads)
-    bf16 = not a.no_bf16
-    log(f"args: {vars(a)}")
-    log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {a.threads}")
+    return log, logf
 
+
+def _cache_sizes(a):
+    """``(single, pairs, easy single, easy pairs)``: how many images of each kind the training cache holds."""
     n_easy = int(round(a.n_train * a.easy_frac))
     n_hard = a.n_train - n_easy
     n_pairs = int(round(n_hard * a.pairs_frac))
     n_easy_pairs = int(round(n_easy * a.pairs_frac))
-    images, labels, plabels = build_cache(n_hard - n_pairs, n_pairs, a.train_seed, a.workers, log,
-                                 n_easy - n_easy_pairs, n_easy_pairs)
-    n = images.shape[0]
+    return n_hard - n_pairs, n_pairs, n_easy - n_easy_pairs, n_easy_pairs
 
+
+@dataclass
+class _AuxHeads:
+    """The training-only per-patch heads (not shipped): on the last tokens, and on those leaving ``deep_idx``."""
+
+    head: torch.nn.Module
+    deep_idx: List[int]
+    deep_heads: torch.nn.ModuleList
+    deep_out: Dict[int, torch.Tensor]
+
+
+def _build_model(a, log):
+    """``(model, model_kwargs, aux heads)``: the ViT (from ``--init`` if given) and its training-only heads."""
     model_kwargs = dict(DEFAULT_MODEL_KWARGS, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
                         stem=a.stem)
     model = build_shapes_vit(dict(model_kwargs, drop_path_rate=a.drop_path), num_classes=len(CLASSES))
     if a.init:
         model.load_state_dict({k: v.float() for k, v in torch.load(a.init, weights_only=True).items()})
         log(f"initialised from {a.init}")
-    training_seeds = sorted({a.train_seed} | set(_parent_training_seeds(a.init)))
     aux_head = torch.nn.Linear(a.embed_dim, len(CLASSES) + 1)
     deep_idx = list(range(len(model.blocks) - a.aux_blocks, len(model.blocks) - 1)) if a.aux_blocks > 1 else []
     deep_heads = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(a.embed_dim),
@@ -318,99 +330,156 @@ def main(argv=None):
     for k in deep_idx:
         model.blocks[k].register_forward_hook(lambda m, i, o, k=k: deep_out.__setitem__(k, o))
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model_kwargs}")
+    return model, model_kwargs, _AuxHeads(aux_head, deep_idx, deep_heads, deep_out)
+
+
+def _optimizer(a, model, aux):
     def decays(name, param):  # no weight decay on biases, norms, position embeddings and tokens
         return param.ndim > 1 and "pos_embed" not in name and "token" not in name
 
     decay = [p_ for n_, p_ in model.named_parameters() if decays(n_, p_)]
     no_decay = [p_ for n_, p_ in model.named_parameters() if not decays(n_, p_)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay + list(aux_head.parameters()) + list(deep_heads.parameters()),
-                              "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                              {"params": no_decay + list(aux.head.parameters()) + list(aux.deep_heads.parameters()),
+                               "weight_decay": 0.0}],
+                             lr=a.lr, betas=(0.9, 0.999))
+
+
+def _lr_at(a, prog, step):
+    """Linear warmup over ``--warmup`` steps, then cosine decay from ``--lr`` to ``--min-lr`` over the progress."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(prog, 1.0)))
+
+
+@dataclass
+class _Run:
+    """Where the training loop is: steps and images so far, the epoch's tallies, the schedule's progress."""
+
+    perm: torch.Tensor
+    step: int = 0
+    seen: int = 0
+    epoch: int = 0
+    pos: int = 0
+    ep_loss: float = 0.0
+    ep_correct: int = 0
+    ep_count: int = 0
+    run_loss: Optional[float] = None
+    prog: float = 0.0
+
+
+def _next_batch(a, r, g, n_hard, n_easy, t_train, log):
+    """Cache indices of the next batch: easy images only early in the curriculum, else the epoch's permutation."""
+    n = r.perm.shape[0]
+    if r.pos + a.batch_size > n:
+        r.epoch += 1
+        log(f"epoch {r.epoch}: train loss {r.ep_loss / max(r.ep_count, 1):.4f} "
+            f"acc {r.ep_correct / max(r.ep_count, 1):.4f} step {r.step} elapsed {time.time() - t_train:.0f}s")
+        r.ep_loss, r.ep_correct, r.ep_count = 0.0, 0, 0
+        r.perm = torch.randperm(n, generator=g)
+        r.pos = 0
+    if r.prog < a.easy_only_frac and n_easy > 0:
+        return n_hard + torch.randint(0, n_easy, (a.batch_size,), generator=g)
+    idx = r.perm[r.pos:r.pos + a.batch_size]
+    r.pos += a.batch_size
+    return idx
+
+
+def _train_step(a, model, aux, opt, batch, bf16):
+    """One optimiser step on ``batch = (x, patch labels, labels)``; returns ``(loss, logits)``."""
+    x, pl, lab = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+        aux_logits = aux.head(feats[:, model.num_prefix_tokens:]) if a.aux_weight else None
+        deep = [hd(aux.deep_out[k][:, model.num_prefix_tokens:]) for k, hd in zip(aux.deep_idx, aux.deep_heads)]
+    loss = classification_loss(logits.float(), lab, a.loss, a.label_smoothing)
+    if aux_logits is not None:
+        aux_losses = [F.cross_entropy(t.float().reshape(-1, t.shape[-1]), pl.reshape(-1))
+                      for t in [aux_logits] + deep]
+        loss = loss + a.aux_weight * sum(aux_losses) / len(aux_losses)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss, logits
+
+
+def _tally(r, loss, logits, lab, batch_size):
+    """Count a step: the loss's running average, and the epoch's loss and accuracy (a pair counts either class)."""
+    r.step += 1
+    r.seen += batch_size
+    li = float(loss.detach())
+    r.run_loss = li if r.run_loss is None else 0.98 * r.run_loss + 0.02 * li
+    single = lab[:, 0] == lab[:, 1]
+    pred = logits.detach().argmax(1)
+    r.ep_loss += li * batch_size
+    r.ep_correct += int((pred[single] == lab[single, 0]).sum()) + int(
+        ((pred[~single] == lab[~single, 0]) | (pred[~single] == lab[~single, 1])).sum())
+    r.ep_count += batch_size
+
+
+def _monitor(a, model, r, lr, elapsed, bf16, log):
+    """The periodic log line, quick accuracy checks and (``--spec-every``) class-specificity snapshots."""
+    step = r.step
+    if step % 50 == 0:
+        log(f"step {step} loss(ema) {r.run_loss:.4f} lr {lr:.2e} img/s {r.seen / elapsed:.1f} prog {r.prog:.3f}")
+    if a.eval_every and step % a.eval_every == 0:
+        acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)  # quick check on a *different* seed
+        model.train()
+        log(f"step {step}: quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}")
+    if a.spec_every and step % a.spec_every == 0:
+        ra, rb = class_specificity_rates(model, a.val_seed + 2)
+        acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)
+        model.train()
+        torch.save(fp16_state(model), os.path.join(a.out, f"{a.name}_step{step}.pth"))
+        log(f"step {step}: AGCAM class-specificity (150 pairs, seed {a.val_seed + 2}) {ra:.3f} / {rb:.3f}, "
+            f"quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}; snapshot saved")
+
+
+def _train(a, model, aux, opt, cache, counts, bf16, log):
+    """The training loop until the schedule's progress (steps or time budget, whichever is further) reaches 1.
+
+    ``cache``: ``(images, labels, patch labels)``; ``counts``: ``(n_hard, n_easy)``, the hard images come first.
+    Returns ``(run, training time in s)``.
+    """
+    images, labels, plabels = cache
+    n = images.shape[0]
+    n_hard, n_easy = counts
     g = torch.Generator().manual_seed(a.train_seed)
     budget = a.minutes * 60.0
-
-    def lr_at(prog, step):
-        if step < a.warmup:
-            return a.lr * (step + 1) / a.warmup
-        return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(prog, 1.0)))
-
     t_train = time.time()
-    step, seen, epoch = 0, 0, 0
-    perm = torch.randperm(n, generator=g)
-    pos = 0
-    ep_loss, ep_correct, ep_count = 0.0, 0, 0
-    run_loss = None
+    r = _Run(perm=torch.randperm(n, generator=g))
     pbar = tqdm(total=a.steps, desc="train", mininterval=10) if tqdm is not None else None
-    prog = 0.0
     model.train()
-    while prog < 1.0:
-        if pos + a.batch_size > n:
-            epoch += 1
-            log(f"epoch {epoch}: train loss {ep_loss / max(ep_count, 1):.4f} acc {ep_correct / max(ep_count, 1):.4f} "
-                f"step {step} elapsed {time.time() - t_train:.0f}s")
-            ep_loss, ep_correct, ep_count = 0.0, 0, 0
-            perm = torch.randperm(n, generator=g)
-            pos = 0
-        if prog < a.easy_only_frac and n_easy > 0:
-            idx = n_hard + torch.randint(0, n_easy, (a.batch_size,), generator=g)
-        else:
-            idx = perm[pos:pos + a.batch_size]
-            pos += a.batch_size
+    while r.prog < 1.0:
+        idx = _next_batch(a, r, g, n_hard, n_easy, t_train, log)
         x, pl = augment(to_input(images[idx]), g, plabels[idx].long())
         lab = labels[idx]
-        lr = lr_at(prog, step)
+        lr = _lr_at(a, r.prog, r.step)
         for grp in opt.param_groups:
             grp["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats = model.forward_features(x)
-            logits = model.forward_head(feats)
-            aux = aux_head(feats[:, model.num_prefix_tokens:]) if a.aux_weight else None
-            deep = [hd(deep_out[k][:, model.num_prefix_tokens:]) for k, hd in zip(deep_idx, deep_heads)]
-        loss = classification_loss(logits.float(), lab, a.loss, a.label_smoothing)
-        if aux is not None:
-            aux_losses = [F.cross_entropy(t.float().reshape(-1, t.shape[-1]), pl.reshape(-1)) for t in [aux] + deep]
-            loss = loss + a.aux_weight * sum(aux_losses) / len(aux_losses)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        seen += x.shape[0]
-        li = float(loss.detach())
-        run_loss = li if run_loss is None else 0.98 * run_loss + 0.02 * li
-        single = lab[:, 0] == lab[:, 1]
-        pred = logits.detach().argmax(1)
-        ep_loss += li * x.shape[0]
-        ep_correct += int((pred[single] == lab[single, 0]).sum()) + int(
-            ((pred[~single] == lab[~single, 0]) | (pred[~single] == lab[~single, 1])).sum())
-        ep_count += x.shape[0]
+        loss, logits = _train_step(a, model, aux, opt, (x, pl, lab), bf16)
+        _tally(r, loss, logits, lab, x.shape[0])
         elapsed = time.time() - t_train
-        prog = max(step / a.steps, elapsed / budget)
+        r.prog = max(r.step / a.steps, elapsed / budget)
         if pbar is not None:
             pbar.update(1)
-            pbar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{lr:.2e}", ips=f"{seen / elapsed:.1f}", refresh=False)
-        if step % 50 == 0:
-            log(f"step {step} loss(ema) {run_loss:.4f} lr {lr:.2e} img/s {seen / elapsed:.1f} prog {prog:.3f}")
-        if a.eval_every and step % a.eval_every == 0:
-            acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)  # quick check on a *different* seed
-            model.train()
-            log(f"step {step}: quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}")
-        if a.spec_every and step % a.spec_every == 0:
-            ra, rb = class_specificity_rates(model, a.val_seed + 2)
-            acc = evaluate(model, a.val_seed + 1, 200, bf16=bf16)
-            model.train()
-            torch.save(fp16_state(model), os.path.join(a.out, f"{a.name}_step{step}.pth"))
-            log(f"step {step}: AGCAM class-specificity (150 pairs, seed {a.val_seed + 2}) {ra:.3f} / {rb:.3f}, "
-                f"quick acc (200 imgs, seed {a.val_seed + 1}) {acc:.3f}; snapshot saved")
+            pbar.set_postfix(loss=f"{r.run_loss:.3f}", lr=f"{lr:.2e}", ips=f"{r.seen / elapsed:.1f}", refresh=False)
+        _monitor(a, model, r, lr, elapsed, bf16, log)
     if pbar is not None:
         pbar.close()
     train_time = time.time() - t_train
-    if ep_count:
-        log(f"epoch {epoch + 1} (partial): train loss {ep_loss / ep_count:.4f} acc {ep_correct / ep_count:.4f}")
-    log(f"training: {step} steps, {seen} images, {train_time:.0f}s, {seen / train_time:.1f} img/s, "
-        f"final loss(ema) {run_loss:.4f}")
+    if r.ep_count:
+        log(f"epoch {r.epoch + 1} (partial): train loss {r.ep_loss / r.ep_count:.4f} "
+            f"acc {r.ep_correct / r.ep_count:.4f}")
+    log(f"training: {r.step} steps, {r.seen} images, {train_time:.0f}s, {r.seen / train_time:.1f} img/s, "
+        f"final loss(ema) {r.run_loss:.4f}")
+    return r, train_time
 
+
+def _held_out(a, model, log):
+    """``(accuracy, pairs top-1-in-pair, pairs top-2 == pair)`` on the held-out ``--val-seed``."""
     model.eval()
     acc = evaluate(model, a.val_seed, a.val_size, bf16=False)
     acc_pairs = evaluate(model, a.val_seed, min(a.val_size, 500), split="pairs", bf16=False)
@@ -418,7 +487,11 @@ def main(argv=None):
     acc_top2 = evaluate_pairs_top2(model, a.val_seed, min(a.val_size, 500))
     log(f"held-out pairs top-1-in-pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_pairs:.4f}")
     log(f"held-out pairs top-2 == pair (seed {a.val_seed}, {min(a.val_size, 500)} images): {acc_top2:.4f}")
+    return acc, acc_pairs, acc_top2
 
+
+def _save_weights(a, model, model_kwargs, log):
+    """Save the fp16 state_dict; returns ``(path, held-out accuracy of the saved weights)``."""
     wpath = os.path.join(a.out, a.name + ".pth")
     torch.save(fp16_state(model), wpath)
     # the accuracy of the fp16-rounded weights is what ships: re-evaluate them
@@ -427,19 +500,32 @@ def main(argv=None):
     m2.load_state_dict({k: v.float() for k, v in torch.load(wpath, weights_only=True).items()})
     acc16 = evaluate(m2.eval(), a.val_seed, a.val_size, bf16=False)
     log(f"held-out accuracy of the saved fp16 weights (fp32 compute): {acc16:.4f}")
-    cfg = {
+    return wpath, acc16
+
+
+def _config(a, model_kwargs, sizes, training_seeds, r, times, accuracies, wpath):
+    """The shipped json: architecture, classes, data, the run's arguments and results, the weights' digest.
+
+    ``sizes``: :func:`_cache_sizes`; ``times``: ``(start of the script, training time in s)``;
+    ``accuracies``: ``(fp16 weights, fp32 before fp16, pairs top-1-in-pair, pairs top-2 == pair)``.
+    """
+    n_single, n_pairs, n_easy_single, n_easy_pairs = sizes
+    t_start, train_time = times
+    acc16, acc, acc_pairs, acc_top2 = accuracies
+    bf16 = not a.no_bf16
+    return {
         "name": a.name,
         "arch": "timm.models.vision_transformer.VisionTransformer",
         "model_kwargs": dict(model_kwargs, num_classes=len(CLASSES)),
         "classes": list(CLASSES),
         "data_config": DATA_CONFIG,
         "dataset": {"class": "captum_vit.data.ShapesDataset", "image_size": 224,
-                    "train": {"seed": a.train_seed, "single": n_hard - n_pairs, "pairs": n_pairs,
-                              "easy_single": n_easy - n_easy_pairs, "easy_pairs": n_easy_pairs,
+                    "train": {"seed": a.train_seed, "single": n_single, "pairs": n_pairs,
+                              "easy_single": n_easy_single, "easy_pairs": n_easy_pairs,
                               "note": "items 0..N-1 of each split; easy = generate(..., easy=True)"},
                     "val": {"seed": a.val_seed, "split": "single", "size": a.val_size}},
         "training_seeds": training_seeds,
-        "training": {"steps": step, "images_seen": seen, "batch_size": a.batch_size, "lr": a.lr,
+        "training": {"steps": r.step, "images_seen": r.seen, "batch_size": a.batch_size, "lr": a.lr,
                      "min_lr": a.min_lr, "weight_decay": a.weight_decay, "warmup": a.warmup,
                      "label_smoothing": a.label_smoothing, "bf16_autocast": bf16, "seed": a.train_seed,
                      "augment": "random hflip/vflip/transpose", "loss": a.loss,
@@ -447,7 +533,7 @@ def main(argv=None):
                      "pairs_target": "0.5/0.5 soft target" if a.loss == "softmax" else "multi-hot (both classes)",
                      "curriculum": f"easy images only for the first {a.easy_only_frac:.0%} of the schedule",
                      "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_time, 1),
-                     "images_per_s": round(seen / train_time, 1), "final_train_loss_ema": round(run_loss, 4),
+                     "images_per_s": round(r.seen / train_time, 1), "final_train_loss_ema": round(r.run_loss, 4),
                      "torch": torch.__version__},
         "heldout_accuracy": acc16,
         "heldout_accuracy_fp32_before_fp16": acc,
@@ -457,6 +543,31 @@ def main(argv=None):
         "weights_dtype": "float16",
         "sha256": sha256_file(wpath),
     }
+
+
+def main(argv=None):
+    a = _parse_args(argv)
+    log, logf = _open_log(a)
+    t_start = time.time()
+    torch.manual_seed(a.train_seed)
+    np.random.seed(a.train_seed)
+    torch.set_num_threads(a.threads)
+    bf16 = not a.no_bf16
+    log(f"args: {vars(a)}")
+    log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {a.threads}")
+
+    sizes = _cache_sizes(a)
+    n_single, n_pairs, n_easy_single, n_easy_pairs = sizes
+    cache = build_cache(n_single, n_pairs, a.train_seed, a.workers, log, n_easy_single, n_easy_pairs)
+    model, model_kwargs, aux = _build_model(a, log)
+    training_seeds = sorted({a.train_seed} | set(_parent_training_seeds(a.init)))
+    opt = _optimizer(a, model, aux)
+    counts = (n_single + n_pairs, n_easy_single + n_easy_pairs)
+    r, train_time = _train(a, model, aux, opt, cache, counts, bf16, log)
+    acc, acc_pairs, acc_top2 = _held_out(a, model, log)
+    wpath, acc16 = _save_weights(a, model, model_kwargs, log)
+    cfg = _config(a, model_kwargs, sizes, training_seeds, r, (t_start, train_time), (acc16, acc, acc_pairs, acc_top2),
+                  wpath)
     with open(os.path.join(a.out, a.name + ".json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,20 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
     B, C = logits.shape[0], logits.shape[-1]
     if target is None:
         return logits.detach().argmax(dim=-1)
+    t = _per_sample(_unwrap_target(target), B, logits.device)
+    if B and int(t.max()) >= C:
+        bad = t[t >= C][0].item()
+        raise ValueError(
+            f"target class {bad} is out of range for a model with {C} classes (valid: 0..{C - 1}, or a negative "
+            "value for the predicted class)"
+        )
+    if B and int(t.min()) < 0:
+        t = torch.where(t < 0, logits.detach().argmax(dim=-1), t)
+    return t
+
+
+def _unwrap_target(target: TargetType) -> TargetType:
+    """A numpy target as a tensor (an int when 0-d); a 1-tuple ``(c,)`` as ``c``."""
     if isinstance(target, np.ndarray):
         if not np.issubdtype(target.dtype, np.integer):
             raise TypeError(f"target array must hold integer class indices, got dtype {target.dtype}")
@@ -55,6 +69,11 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
                 "with one class per sample."
             )
         target = target[0]
+    return target
+
+
+def _per_sample(target: TargetType, B: int, device: torch.device) -> Tensor:
+    """``LongTensor[B]`` on ``device`` from an unwrapped target: a tensor, a list, or one index for every sample."""
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
@@ -67,26 +86,16 @@ def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
                 f"target tensor of shape {tuple(target.shape)} does not match the batch of {B}: give a scalar or a "
                 "1-D tensor with one class per sample"
             )
-        t = t.to(device=logits.device, dtype=torch.long)
-    elif isinstance(target, list):
+        return t.to(device=device, dtype=torch.long)
+    if isinstance(target, list):
         if len(target) != B:
             raise ValueError(
                 f"target list has {len(target)} entries but the batch has {B} samples; give one per sample"
             )
         flat = [_as_index(t_i[0] if isinstance(t_i, tuple) and len(t_i) == 1 else t_i, "each per-sample target")
                 for t_i in target]
-        t = torch.tensor(flat, dtype=torch.long, device=logits.device)
-    else:
-        t = torch.full((B,), _as_index(target, "target"), dtype=torch.long, device=logits.device)
-    if B and int(t.max()) >= C:
-        bad = t[t >= C][0].item()
-        raise ValueError(
-            f"target class {bad} is out of range for a model with {C} classes (valid: 0..{C - 1}, or a negative "
-            "value for the predicted class)"
-        )
-    if B and int(t.min()) < 0:
-        t = torch.where(t < 0, logits.detach().argmax(dim=-1), t)
-    return t
+        return torch.tensor(flat, dtype=torch.long, device=device)
+    return torch.full((B,), _as_index(target, "target"), dtype=torch.long, device=device)
 
 
 def fuse(x: Tensor, how: str, dim: int) -> Tensor:
@@ -127,10 +136,11 @@ class ViTLayerAttribution(LayerAttribution):
     several threads at once.
     """
 
-    def __init__(self, model: Union[nn.Module, ViTAdapter], layers: Sequence[int] = None) -> None:
+    def __init__(self, model: Union[nn.Module, ViTAdapter], layers: Optional[Sequence[int]] = None) -> None:
         self.adapter = adapt(model)
         self.model = self.adapter.wrapper
         n = self.adapter.num_layers
+        self.layer_indices: List[int]
         if layers is None:
             self.layer_indices = list(range(n))
         else:
@@ -167,8 +177,8 @@ class ViTLayerAttribution(LayerAttribution):
         """What the method needs recorded during the forward pass."""
         raise NotImplementedError
 
-    def _maps(self, record: Record, logits: Tensor, targets: Tensor, **method_args) -> Tensor:
-        """``[B, gh*gw]`` patch-token maps from one forward's record."""
+    def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+        """``[B, gh*gw]`` patch-token maps from one forward's record (a method may take keyword arguments more)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- the template
@@ -209,6 +219,7 @@ class ViTLayerAttribution(LayerAttribution):
         request = self._request()
         record = self._forward(inputs, request)
         logits = record.logits
+        assert logits is not None  # the forward always records them
         targets = resolve_targets(target, logits)
         with torch.enable_grad() if request.needs_autograd else torch.no_grad():
             maps = self._maps(record, logits, targets, **method_args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from captum.attr._utils.attribution import GradientAttribution
@@ -69,7 +69,7 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
         head_fusion: str = "sum",
         layer_fusion: str = "sum",
         detach: bool = True,
-        layers: Sequence[int] = None,
+        layers: Optional[Sequence[int]] = None,
         engine: str = "auto",
     ) -> None:
         super().__init__(model, layers)

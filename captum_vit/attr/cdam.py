@@ -156,14 +156,18 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
         with torch.enable_grad():
             request = Request(grad_attention_inputs=(last,), features=by_embedding)
             rec = self.adapter.forward_tail(block_input, last, request)
-            if by_embedding and rec.features is None:
+            features, logits = rec.features, rec.logits
+            if by_embedding and features is None:
                 raise ValueError("this model's head does not read a [class] embedding: use a class target instead")
             if concept is not None:
-                score = rec.features @ concept.to(rec.features.dtype)
+                assert features is not None
+                score = features @ concept.to(features.dtype)
             elif target_fn is not None:
-                score = self._score_from_fn(target_fn, rec.features)
+                assert features is not None
+                score = self._score_from_fn(target_fn, features)
             else:
-                score = rec.logits.gather(1, targets[:, None])[:, 0]
+                assert logits is not None  # forward_tail always records them
+                score = logits.gather(1, targets[:, None])[:, 0]
             (tokens,) = rec.attention_inputs
             (grad,) = torch.autograd.grad(score.sum(), tokens)
         return (tokens * grad).sum(-1)[:, self.adapter.num_prefix_tokens :].detach()

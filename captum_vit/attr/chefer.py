@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union, cast
 
 import torch
 from captum.attr._utils.attribution import GradientAttribution
@@ -57,12 +57,13 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         grads = _attention_grads(record, logits, targets, self.layer_indices)
-        relevance = None
+        relevance: Optional[Tensor] = None
         for k in self.layer_indices:
             a = record.attention[k]
             cam = (grads[k] * a).clamp(min=0).mean(1)
             relevance = identity_like(cam) if relevance is None else relevance
             relevance = relevance + cam @ relevance
+        assert relevance is not None  # layer_indices is never empty
         return relevance[:, 0, self.adapter.num_prefix_tokens :].detach()
 
 
@@ -106,7 +107,7 @@ def lrp_add(x: Tensor, branch: Tensor, relevance: Tensor) -> Tuple[Tensor, Tenso
 
 def lrp_fork(x: Tensor, *relevances: Tensor) -> Tensor:
     """A tensor used twice (residual and branch): the relevances of its uses, summed through ``x``."""
-    return sum(x * safe_divide(r, x) for r in relevances)
+    return cast(Tensor, sum(x * safe_divide(r, x) for r in relevances))  # never empty: a sum of tensors
 
 
 class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
@@ -184,11 +185,12 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         grads = _attention_grads(record, logits, targets, layers)
         with torch.no_grad():
             attention_relevance = self._relevance(record, logits, targets)
-            joint = None
+            joint: Optional[Tensor] = None
             for k in layers:
                 cam = (grads[k] * attention_relevance[k]).clamp(min=0).mean(1)
                 step = cam + identity_like(cam)
                 joint = step if joint is None else step @ joint
+        assert joint is not None  # start_layer < num_layers
         return joint[:, 0, self.adapter.num_prefix_tokens :]
 
     def _relevance(self, record: Record, logits: Tensor, targets: Tensor) -> Dict[int, Tensor]:
@@ -197,6 +199,8 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         _, head = a.head.tokens[0]
         one_hot = torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)
         features = record.features
+        # recorded: the request asks for features and activations, and the constructor checked the parts exist
+        assert features is not None and a.parts is not None
         relevance_cls = lrp_linear(features, head.weight, one_hot)  # fc_norm and the final norm pass it on
         normed = record.head_activations["normed"]
         pooled = normed[:, 0]
@@ -230,4 +234,4 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         if b.attn.qkv is not None:
             return lrp_linear(n1, b.attn.qkv.weight, torch.cat(heads, dim=-1))
         # Separate projections: the fused rule splits over output neurons, so their relevances add.
-        return sum(lrp_linear(n1, lin.weight, r) for lin, r in zip((b.attn.q, b.attn.k, b.attn.v), heads))
+        return cast(Tensor, sum(lrp_linear(n1, lin.weight, r) for lin, r in zip((b.attn.q, b.attn.k, b.attn.v), heads)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ class AttentionRollout(ViTLayerAttribution):
         model: Union[nn.Module, ViTAdapter],
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
-        layers: Sequence[int] = None,
+        layers: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__(model, layers)
         self._require_class_row()
@@ -62,13 +62,14 @@ class AttentionRollout(ViTLayerAttribution):
         return Request(attention="keep", attention_layers=tuple(self.layer_indices), attention_heads=self.head_fusion)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
-        rollout = None
+        rollout: Optional[Tensor] = None
         for k in self.layer_indices:
             fused = self._discard(fuse(record.attention[k], self.head_fusion, 1))
             eye = identity_like(fused)
             a = (fused + eye) / 2
             a = a / a.sum(-1, keepdim=True)
             rollout = a if rollout is None else a @ rollout
+        assert rollout is not None  # layer_indices is never empty
         return rollout[:, 0, self.adapter.num_prefix_tokens :]
 
     def _discard(self, fused: Tensor) -> Tensor:

@@ -77,7 +77,9 @@ Box = Tuple[float, float, float, float]
 
 _ON_ERROR = ("raise", "skip")
 _TRANSFORMS = ("squash", "resize_crop")
-_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+# plain ints, as the legacy Image.BILINEAR etc. are: the dataset description records str(resample)
+_INTERPOLATION = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC),
+                  "nearest": int(Image.Resampling.NEAREST)}
 
 
 @dataclass(frozen=True)

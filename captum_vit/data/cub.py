@@ -67,7 +67,8 @@ class CUBTest(AnnotatedImageDataset):
         skipped (list of (str, str)): ``(file, reason)`` of every sample left out.
     """
 
-    def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
+    # the preprocessing options every annotated dataset takes (AnnotatedImageDataset's), plus the split
+    def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),  # noqa: PLR0913
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
                  interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False,
                  split: str = "test") -> None:
@@ -84,21 +85,12 @@ class CUBTest(AnnotatedImageDataset):
         self.base = base
         p = {f: os.path.join(base, f) for f in _FILES}
         # the lists are read whole: a malformed list taints every sample, so it always raises
-        images = _read_table(p["images.txt"], 1)
-        labels = _read_table(p["image_class_labels.txt"], 1)
-        flags = _read_table(p["train_test_split.txt"], 1)
-        boxes = _read_table(p["bounding_boxes.txt"], 4)
-        class_rows = _read_table(p["classes.txt"], 1)
-        try:
-            class_ids = sorted(int(k) for k in class_rows)
-        except ValueError:
-            raise DatasetFileError(p["classes.txt"], "non-integer class id") from None
-        if class_ids != list(range(1, len(class_ids) + 1)):
-            raise DatasetFileError(p["classes.txt"], "class ids must be 1..N without gaps")
-        self.classes = [class_rows[str(k)][0].strip() for k in class_ids]
+        tables = {f: _read_table(p[f], 4 if f == "bounding_boxes.txt" else 1) for f in _FILES[:4]}
+        self.classes = _read_classes(p["classes.txt"])
         self.num_classes = len(self.classes)
 
         records = []
+        flags = tables["train_test_split.txt"]
         for image_id in sorted(flags, key=_id_key):
             flag = flags[image_id][0]
             if flag not in ("0", "1"):
@@ -107,38 +99,53 @@ class CUBTest(AnnotatedImageDataset):
             if flag != _SPLIT_FLAGS[split]:
                 continue
             try:
-                for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt"):
-                    if image_id not in {"images.txt": images, "image_class_labels.txt": labels,
-                                        "bounding_boxes.txt": boxes}[name]:
-                        raise DatasetFileError(p[name], f"no entry for {split} image id {image_id}")
-                try:
-                    label = int(labels[image_id][0]) - 1
-                except ValueError:
-                    raise DatasetFileError(p["image_class_labels.txt"], f"id {image_id}: non-integer class") from None
-                if not 0 <= label < len(self.classes):
-                    raise DatasetFileError(p["image_class_labels.txt"],
-                                           f"id {image_id}: class {label + 1} not in 1..{len(self.classes)}")
-                try:
-                    x, y, w, h = (float(v) for v in boxes[image_id])
-                except ValueError:
-                    raise DatasetFileError(p["bounding_boxes.txt"], f"id {image_id}: non-numeric box") from None
-                if w < 0 or h < 0:
-                    raise DatasetFileError(p["bounding_boxes.txt"], f"id {image_id}: negative width/height")
-                box = (x, y, x + w, y + h)
-                check_box(box, p["bounding_boxes.txt"])
-                rel = images[image_id][0].strip()
-                # the list uses '/' whatever the OS; split it rather than trust the separator
-                parts = rel.replace("\\", "/").split("/")
-                if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or ":" in parts[0]:
-                    # a path that climbs out would read an image of another dataset (or any file) as this one
-                    raise DatasetFileError(p["images.txt"], f"id {image_id}: path {rel!r} points outside images/; "
-                                                            "give a path relative to images/ without '..'")
+                records.append(self._record(image_id, split, p, tables))
             except DatasetFileError as e:
                 self._fail(e)
-                continue
-            path = os.path.join(base, "images", *[q for q in parts if q not in ("", ".")])
-            records.append(Record(path, label, (box,), None, p["bounding_boxes.txt"]))
         self._finish_init(records)
+
+    def _record(self, image_id: str, split: str, p: Dict[str, str], tables: Dict[str, Dict[str, List[str]]]) -> Record:
+        """The record of one image of the split from the lists; a :class:`DatasetFileError` names what is wrong."""
+        images, labels, boxes = tables["images.txt"], tables["image_class_labels.txt"], tables["bounding_boxes.txt"]
+        for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt"):
+            if image_id not in tables[name]:
+                raise DatasetFileError(p[name], f"no entry for {split} image id {image_id}")
+        try:
+            label = int(labels[image_id][0]) - 1
+        except ValueError:
+            raise DatasetFileError(p["image_class_labels.txt"], f"id {image_id}: non-integer class") from None
+        if not 0 <= label < len(self.classes):
+            raise DatasetFileError(p["image_class_labels.txt"],
+                                   f"id {image_id}: class {label + 1} not in 1..{len(self.classes)}")
+        try:
+            x, y, w, h = (float(v) for v in boxes[image_id])
+        except ValueError:
+            raise DatasetFileError(p["bounding_boxes.txt"], f"id {image_id}: non-numeric box") from None
+        if w < 0 or h < 0:
+            raise DatasetFileError(p["bounding_boxes.txt"], f"id {image_id}: negative width/height")
+        box = (x, y, x + w, y + h)
+        check_box(box, p["bounding_boxes.txt"])
+        rel = images[image_id][0].strip()
+        # the list uses '/' whatever the OS; split it rather than trust the separator
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or ":" in parts[0]:
+            # a path that climbs out would read an image of another dataset (or any file) as this one
+            raise DatasetFileError(p["images.txt"], f"id {image_id}: path {rel!r} points outside images/; "
+                                                    "give a path relative to images/ without '..'")
+        path = os.path.join(self.base, "images", *[q for q in parts if q not in ("", ".")])
+        return Record(path, label, (box,), None, p["bounding_boxes.txt"])
+
+
+def _read_classes(path: str) -> List[str]:
+    """Class names in id order from ``classes.txt``, whose ids must be 1..N without gaps."""
+    class_rows = _read_table(path, 1)
+    try:
+        class_ids = sorted(int(k) for k in class_rows)
+    except ValueError:
+        raise DatasetFileError(path, "non-integer class id") from None
+    if class_ids != list(range(1, len(class_ids) + 1)):
+        raise DatasetFileError(path, "class ids must be 1..N without gaps")
+    return [class_rows[str(k)][0].strip() for k in class_ids]
 
 
 def _id_key(image_id: str):

@@ -37,7 +37,7 @@ import csv
 import os
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .boxes import AnnotatedImageDataset, Box, DatasetFileError, Record, check_box, parse_voc_xml
 
@@ -67,6 +67,17 @@ def _load_wnids() -> Tuple[str, ...]:
 #: The 1000 ImageNet-1k wnids in label order (sorted); ``IMAGENET_WNIDS[label]`` is a label's wnid.
 IMAGENET_WNIDS: Tuple[str, ...] = _load_wnids()
 _INDEX: Dict[str, int] = {w: i for i, w in enumerate(IMAGENET_WNIDS)}
+#: one row of LOC_val_solution.csv: the wnid and the boxes
+Row = Tuple[str, Tuple[Box, ...]]
+
+
+def _check_mapping(mapping_path: str) -> None:
+    # the mapping no longer numbers the classes, but one naming other classes means another dataset
+    with open(mapping_path) as f:
+        unknown = sorted({w for w in (line.split()[0] for line in f if line.strip()) if w not in _INDEX})
+    if unknown:
+        raise DatasetFileError(mapping_path, f"names {len(unknown)} wnid(s) outside the 1000 ImageNet-1k "
+                                             f"classes ({unknown[:5]}); this is not ImageNet-1k's mapping")
 
 
 def _unknown_wnid(wnid: str) -> str:
@@ -123,7 +134,8 @@ class ImageNetVal(AnnotatedImageDataset):
 
     num_classes = len(IMAGENET_WNIDS)
 
-    def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
+    # the preprocessing options every annotated dataset takes (AnnotatedImageDataset's)
+    def __init__(self, root: str, input_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),  # noqa: PLR0913
                  std: Sequence[float] = (0.5, 0.5, 0.5), transform: str = "squash", crop_pct: float = 0.875,
                  interpolation: str = "bilinear", on_error: str = "raise", verify_images: bool = False) -> None:
         super().__init__(input_size, mean, std, transform, crop_pct, interpolation, on_error, verify_images)
@@ -239,13 +251,26 @@ class ImageNetVal(AnnotatedImageDataset):
     def _csv_records(self, data_dir: str, images: List[str], csv_path: str,
                      mapping_path: Optional[str]) -> List[Record]:
         if mapping_path is not None:
-            # the mapping no longer numbers the classes, but one naming other classes means another dataset
-            with open(mapping_path) as f:
-                unknown = sorted({w for w in (line.split()[0] for line in f if line.strip()) if w not in _INDEX})
-            if unknown:
-                raise DatasetFileError(mapping_path, f"names {len(unknown)} wnid(s) outside the 1000 ImageNet-1k "
-                                                     f"classes ({unknown[:5]}); this is not ImageNet-1k's mapping")
-        rows: Dict[str, Tuple[str, Tuple[Box, ...]]] = {}
+            _check_mapping(mapping_path)
+        rows, bad_rows = self._read_solution(csv_path)
+        records = []
+        for name in sorted(images, key=lambda n: (_stem(n), n)):
+            image_id, path = _stem(name), os.path.join(data_dir, name)
+            try:
+                if image_id in bad_rows:
+                    raise bad_rows[image_id]
+                if image_id not in rows:
+                    raise DatasetFileError(path, f"no row for {image_id} in {csv_path}")
+                wnid, boxes = rows[image_id]
+            except DatasetFileError as e:
+                self._fail(e)
+                continue
+            records.append(Record(path, _INDEX[wnid], boxes, None, csv_path))
+        return records
+
+    def _read_solution(self, csv_path: str) -> Tuple[Dict[str, Row], Dict[str, DatasetFileError]]:
+        """``(rows, bad rows)`` of ``LOC_val_solution.csv`` by image id: ``(wnid, boxes)``, or the row's error."""
+        rows: Dict[str, Row] = {}
         bad_rows: Dict[str, DatasetFileError] = {}
         first_line: Dict[str, int] = {}
         try:
@@ -274,21 +299,7 @@ class ImageNetVal(AnnotatedImageDataset):
             raise DatasetFileError(csv_path, f"unreadable ({e})") from e
         except csv.Error as e:
             raise DatasetFileError(csv_path, f"malformed csv ({e})") from e
-
-        records = []
-        for name in sorted(images, key=lambda n: (_stem(n), n)):
-            image_id, path = _stem(name), os.path.join(data_dir, name)
-            try:
-                if image_id in bad_rows:
-                    raise bad_rows[image_id]
-                if image_id not in rows:
-                    raise DatasetFileError(path, f"no row for {image_id} in {csv_path}")
-                wnid, boxes = rows[image_id]
-            except DatasetFileError as e:
-                self._fail(e)
-                continue
-            records.append(Record(path, _INDEX[wnid], boxes, None, csv_path))
-        return records
+        return rows, bad_rows
 
     @staticmethod
     def _parse_prediction(text: str, where: str) -> Tuple[str, Tuple[Box, ...]]:
@@ -296,16 +307,18 @@ class ImageNetVal(AnnotatedImageDataset):
         if not tokens or len(tokens) % 5:
             raise DatasetFileError(where, f"PredictionString must be groups of 'wnid xmin ymin xmax ymax', "
                                           f"got {len(tokens)} tokens")
-        wnids, boxes = set(), []
+        wnids: Set[str] = set()
+        boxes: List[Box] = []
         for k in range(0, len(tokens), 5):
             wnids.add(tokens[k])
             try:
-                box = tuple(float(v) for v in tokens[k + 1:k + 5])
+                x0, y0, x1, y1 = (float(v) for v in tokens[k + 1:k + 5])
             except ValueError:
                 raise DatasetFileError(where, f"non-numeric box {tokens[k + 1:k + 5]}") from None
+            box = (x0, y0, x1, y1)
             check_box(box, where)
             boxes.append(box)
         if len(wnids) != 1:
             # validation images carry one label; a row naming several would make the label a guess
             raise DatasetFileError(where, f"boxes of several classes {sorted(wnids)}")
-        return wnids.pop(), tuple(boxes)  # type: ignore[return-value]
+        return wnids.pop(), tuple(boxes)

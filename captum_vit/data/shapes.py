@@ -30,7 +30,7 @@ INCLUSIVE tight bounds of ``masks[k]``; the box as a mask is
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -186,7 +186,7 @@ def _background(rng: np.random.Generator, S: int) -> np.ndarray:
         y0 = int(rng.integers(0, H - side + 1))
         x0 = int(rng.integers(0, W - side + 1))
         crop = Image.fromarray(src[y0:y0 + side, x0:x0 + side])
-        bg = np.asarray(crop.resize((S, S), Image.BILINEAR), dtype=np.float32)
+        bg = np.asarray(crop.resize((S, S), Image.Resampling.BILINEAR), dtype=np.float32)
         if rng.random() < 0.5:
             bg = bg[:, ::-1]
         # soften the photo towards its mean sometimes so shapes stay readable
@@ -260,7 +260,7 @@ def _place_shape(rng: np.random.Generator, cls: int, lo: float, hi: float,
     return None
 
 
-def generate(seed: int, split: str, index: int, image_size: int = 224, easy: bool = False) -> Dict[str, object]:
+def generate(seed: int, split: str, index: int, image_size: int = 224, easy: bool = False) -> Dict[str, Any]:
     """Render item ``index`` of ``split`` for ``seed`` as plain numpy arrays.
 
     Returns a dict with ``image_uint8`` (HxWx3 uint8), ``label`` (int, or (a, b) for pairs),
@@ -277,8 +277,9 @@ def generate(seed: int, split: str, index: int, image_size: int = 224, easy: boo
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     nc = len(CLASSES)
     if split == "single":
-        label: object = int(rng.integers(nc))
-        want = [label] * int(rng.choice([1, 2, 3, 4], p=[0.4, 0.25, 0.2, 0.15]))
+        c = int(rng.integers(nc))
+        label: Union[int, Tuple[int, int]] = c
+        want = [c] * int(rng.choice([1, 2, 3, 4], p=[0.4, 0.25, 0.2, 0.15]))
     else:
         a, b = (int(v) for v in rng.choice(nc, 2, replace=False))
         label = (min(a, b), max(a, b))
@@ -328,12 +329,13 @@ def generate(seed: int, split: str, index: int, image_size: int = 224, easy: boo
     }
 
 
-def _generate_easy(seed: int, split: str, index: int, S: int) -> Dict[str, object]:
+def _generate_easy(seed: int, split: str, index: int, S: int) -> Dict[str, Any]:
     rng = np.random.default_rng([int(seed), 100 + SPLITS[split], int(index)])
     nc = len(CLASSES)
     if split == "single":
-        label: object = int(rng.integers(nc))
-        want = [label] * int(rng.integers(1, 3))
+        c = int(rng.integers(nc))
+        label: Union[int, Tuple[int, int]] = c
+        want = [c] * int(rng.integers(1, 3))
     else:
         a, b = (int(v) for v in rng.choice(nc, 2, replace=False))
         label = (min(a, b), max(a, b))
@@ -408,7 +410,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def raw(self, index: int) -> Dict[str, object]:
+    def raw(self, index: int) -> Dict[str, Any]:
         """The numpy sample (no tensor conversion)."""
         if not 0 <= index < self.size:
             raise IndexError(index)
@@ -418,7 +420,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(np.ascontiguousarray(image_uint8)).permute(2, 0, 1).float().div_(255.0)
         return (x - self.mean) / self.std
 
-    def __getitem__(self, index: int) -> Dict[str, object]:
+    def __getitem__(self, index: int) -> Dict[str, Any]:
         if index < 0:
             index += self.size
         s = self.raw(index)
@@ -433,10 +435,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         }
 
 
-def collate(batch: List[Dict[str, object]]) -> Dict[str, object]:
+def collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
     """DataLoader collate: stacks ``image`` / ``image_uint8`` / ``label`` / ``index``, keeps the
     variable-length ``boxes`` / ``masks`` / ``instance_labels`` as lists."""
-    out: Dict[str, object] = {
+    out: Dict[str, Any] = {
         "image": torch.stack([b["image"] for b in batch]),
         "image_uint8": torch.stack([torch.as_tensor(np.ascontiguousarray(b["image_uint8"])) for b in batch]),
         "label": torch.tensor([b["label"] for b in batch], dtype=torch.int64),

@@ -49,7 +49,8 @@ class VOCSingleClass(AnnotatedImageDataset):
     classes = VOC_CLASSES
     num_classes = len(VOC_CLASSES)
 
-    def __init__(self, root: str, year: str = "2012", split: str = "val", input_size: int = 224,
+    # the preprocessing options every annotated dataset takes (AnnotatedImageDataset's), plus year and split
+    def __init__(self, root: str, year: str = "2012", split: str = "val", input_size: int = 224,  # noqa: PLR0913
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                  transform: str = "squash", crop_pct: float = 0.875, interpolation: str = "bilinear",
                  on_error: str = "raise", verify_images: bool = False) -> None:

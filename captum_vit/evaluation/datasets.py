@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 __all__ = ["DATASETS", "SHAPES_BENCHMARK", "build_dataset", "collate_for", "describe_dataset"]
 
 #: the held-out shapes benchmark the shipped model is scored on by default
-SHAPES_BENCHMARK = {"split": "single", "seed": 2024, "size": 300}
+SHAPES_BENCHMARK: Dict[str, Any] = {"split": "single", "seed": 2024, "size": 300}
 
 
 def _shapes(root: Optional[str], size: int, mean, std, transform: str, on_error: str, **_: Any) -> Any:

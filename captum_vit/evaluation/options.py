@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar
 
 from captum_vit.evaluation.datasets import DATASETS
 from captum_vit.evaluation.schema import METRIC_GROUPS
 
 __all__ = ["EvalOptions", "RunOptions", "add_arguments", "parse_list"]
+
+_Options = TypeVar("_Options", bound="EvalOptions")
 
 
 def parse_list(value: Any) -> Tuple[str, ...]:
@@ -79,7 +81,7 @@ class EvalOptions:
         """The per-image score columns the selected metric groups store, in the schema's order."""
         return [c for g in METRIC_GROUPS for c in METRIC_GROUPS[g] if g in self.metrics]
 
-    def replace(self, **changes: Any) -> EvalOptions:
+    def replace(self: _Options, **changes: Any) -> _Options:
         return dataclasses.replace(self, **changes)
 
 
@@ -135,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = RunOptions,
             continue
         kw: Dict[str, Any] = {"dest": f.name, "help": meta["help"], "default": default}
         if meta.get("list"):
-            kw["default"] = ",".join(default)
+            kw["default"] = ",".join(default or ())
         elif "choices" in meta:
             kw["choices"] = list(meta["choices"])
         else:

@@ -241,7 +241,7 @@ def _distributed() -> Tuple[int, int]:
     return 0, 1
 
 
-def evaluate(
+def evaluate(  # noqa: PLR0913 - model, data, methods, options; the rest are keyword-only hooks
     model: torch.nn.Module,
     dataset: Any,
     methods: Union[str, Sequence[str], Mapping[str, type]],
@@ -343,6 +343,7 @@ def evaluate(
         box = [result]  # one process writes and reads the merged store; the others get its summary
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
+    assert result is not None  # rank 0 merged, and every other rank received its result
     runtime = time.perf_counter() - t_start
     result.update(metrics=list(opts.metrics), threshold=float(opts.threshold), dataset=fp["dataset"],
                   fingerprint=fp, store=store, n_computed=n_computed, n_skipped=n_skipped, world_size=world_size,
@@ -351,10 +352,10 @@ def evaluate(
     return result
 
 
-def _run_batches(model: torch.nn.Module, dataset: Any, explainers: Mapping[str, Any], opts: EvalOptions,
-                 rs: ResultStore, mine: List[List[int]], where: Tuple[int, int],
-                 on_batch: Optional[Callable[[int, List[int]], None]], observe: Optional[Observer],
-                 seconds: Dict[str, float]) -> Tuple[int, int]:
+def _run_batches(  # noqa: PLR0913 - one step of evaluate(), handed evaluate's state
+        model: torch.nn.Module, dataset: Any, explainers: Mapping[str, Any], opts: EvalOptions, rs: ResultStore,
+        mine: List[List[int]], where: Tuple[int, int], on_batch: Optional[Callable[[int, List[int]], None]],
+        observe: Optional[Observer], seconds: Dict[str, float]) -> Tuple[int, int]:
     """Score and commit this process's batches that the store lacks; ``(images computed, images skipped)``.
 
     ``seconds`` accumulates each method's time."""

@@ -158,6 +158,12 @@ class ResultStore:
     def parts_dir(self) -> str:
         return f"{self.path}.parts"
 
+    @property
+    def _path(self) -> str:
+        """The store's file (only file-backed stores reach the code that asks)."""
+        assert self.path is not None
+        return self.path
+
     def _reset_new(self) -> None:
         self._new = {m: {c: [] for c in self.columns + self.maps} for m in self.methods}
         self._new_skipped = []
@@ -180,13 +186,13 @@ class ResultStore:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
         # only the lock holder removes temporary files: they are what an earlier run was killed writing
-        for tmp in glob.glob(glob.escape(self.path) + ".tmp*") + glob.glob(
+        for tmp in glob.glob(glob.escape(self._path) + ".tmp*") + glob.glob(
                 os.path.join(glob.escape(self.parts_dir), ".*.tmp*")):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
 
     def _open(self) -> None:
-        has_base = os.path.exists(self.path)
+        has_base = os.path.exists(self._path)
         part_files = sorted(glob.glob(os.path.join(glob.escape(self.parts_dir), "*.npz")))
         if self._mode == "r" and not has_base and not part_files:
             raise FileNotFoundError(f"result store {self.path!r} does not exist")
@@ -203,7 +209,7 @@ class ResultStore:
     def _open_base(self) -> None:
         import h5py
 
-        if os.path.isdir(self.path):
+        if os.path.isdir(self._path):
             raise StoreCorruptError(f"{self._where()} is a folder, not a result store: {_MOVE_AWAY}")
         try:
             f = h5py.File(self.path, "r")
@@ -215,42 +221,52 @@ class ResultStore:
         self._h5 = f
         stored = self._stored_fingerprint(f.attrs, self._where())
         if not self.fingerprint:
-            self.fingerprint = stored
-            order = json.loads(f.attrs["methods"]) if "methods" in f.attrs else []
-            self.methods = list(order) if sorted(order) == sorted(stored.get("methods", {})) \
-                else sorted(stored.get("methods", {}))
-            if not self.methods or any(m not in f for m in self.methods):
-                raise StoreCorruptError(f"{self._where()} lacks the groups of its methods {self.methods}; it is "
-                                        f"damaged: {_MOVE_AWAY}")
-            first = f[self.methods[0]]
-            self.maps = [c for c in MAP_COLUMNS if c in first]
-            # every method's columns: a column one of them lacks is then named below
-            scores = [c for m in self.methods for c in f[m].keys() if c not in ID_COLUMNS and c not in MAP_COLUMNS]
-            self.columns = list(ID_COLUMNS) + list(dict.fromkeys(scores))
-            self._reset_new()
+            self._adopt(f, stored)
         else:
             self._compare(stored, self._where())
         self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
         for m in self.methods:
-            g = f[m] if m in f else None
-            for c in self.columns + self.maps:
-                if g is not None and c not in g and (c == "finite" or (c in MAP_COLUMNS and "index" in g
-                                                                         and g["index"].shape[0] == 0)):
-                    continue  # derived on read (stores written before the column existed); no rows, no grid
-                if g is None or c not in g:
-                    raise StoreCorruptError(f"{self._where()} lacks column {c!r} of method {m!r}: it is damaged or "
-                                            f"was edited: {_MOVE_AWAY}")
-            lengths = {g[c].shape[0] for c in self.columns + self.maps if c in g}
-            if len(lengths) > 1:
-                raise StoreCorruptError(f"{self._where()} is inconsistent: the columns of method {m!r} hold "
-                                        f"{sorted(lengths)} rows; it is damaged or was edited: {_MOVE_AWAY}")
-            try:
-                self._base_index[m] = g["index"][...].astype(np.int64)
-            except OSError as e:
-                raise StoreCorruptError(f"{self._where()}: reading method {m!r} failed ({e}); the file is damaged: "
-                                        f"{_MOVE_AWAY}") from e
+            self._check_base_group(f, m)
         if _SKIPPED in f:
             self._base_skipped = f[_SKIPPED][...].astype(np.int64)
+
+    def _adopt(self, f: Any, stored: Dict[str, Any]) -> None:
+        """Read mode: take the fingerprint, methods and columns from the committed file."""
+        self.fingerprint = stored
+        order = json.loads(f.attrs["methods"]) if "methods" in f.attrs else []
+        self.methods = list(order) if sorted(order) == sorted(stored.get("methods", {})) \
+            else sorted(stored.get("methods", {}))
+        if not self.methods or any(m not in f for m in self.methods):
+            raise StoreCorruptError(f"{self._where()} lacks the groups of its methods {self.methods}; it is "
+                                    f"damaged: {_MOVE_AWAY}")
+        first = f[self.methods[0]]
+        self.maps = [c for c in MAP_COLUMNS if c in first]
+        # every method's columns: a column one of them lacks is then named by _check_base_group
+        scores = [c for m in self.methods for c in f[m].keys() if c not in ID_COLUMNS and c not in MAP_COLUMNS]
+        self.columns = list(ID_COLUMNS) + list(dict.fromkeys(scores))
+        self._reset_new()
+
+    def _check_base_group(self, f: Any, m: str) -> None:
+        """Method ``m``'s group holds every column, all of one length; its indices are read."""
+        if m not in f:
+            raise StoreCorruptError(f"{self._where()} lacks the group of method {m!r}: it is damaged or was "
+                                    f"edited: {_MOVE_AWAY}")
+        g = f[m]
+        for c in self.columns + self.maps:
+            if c not in g and (c == "finite" or (c in MAP_COLUMNS and "index" in g and g["index"].shape[0] == 0)):
+                continue  # derived on read (stores written before the column existed); no rows, no grid
+            if c not in g:
+                raise StoreCorruptError(f"{self._where()} lacks column {c!r} of method {m!r}: it is damaged or "
+                                        f"was edited: {_MOVE_AWAY}")
+        lengths = {g[c].shape[0] for c in self.columns + self.maps if c in g}
+        if len(lengths) > 1:
+            raise StoreCorruptError(f"{self._where()} is inconsistent: the columns of method {m!r} hold "
+                                    f"{sorted(lengths)} rows; it is damaged or was edited: {_MOVE_AWAY}")
+        try:
+            self._base_index[m] = g["index"][...].astype(np.int64)
+        except OSError as e:
+            raise StoreCorruptError(f"{self._where()}: reading method {m!r} failed ({e}); the file is damaged: "
+                                    f"{_MOVE_AWAY}") from e
 
     @staticmethod
     def _stored_fingerprint(attrs: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -325,7 +341,7 @@ class ResultStore:
         known = set(self._base_skipped.tolist())
         rows = [(m, set(np.asarray(z.get(f"{m}/index", _empty("index"))).tolist())) for m in self.methods]
         skipped = set(np.asarray(z.get(_SKIPPED, _empty("index"))).tolist())
-        return all(r <= have[m] for m, r in rows) and skipped <= known and (any(r for _, r in rows) or skipped)
+        return all(r <= have[m] for m, r in rows) and skipped <= known and bool(any(r for _, r in rows) or skipped)
 
     def _check_structure(self) -> None:
         """Refuse what no run can write: indices outside the dataset or twice, maps of mixed grids."""
@@ -412,6 +428,7 @@ class ResultStore:
             pos_base = {int(i): p for p, i in enumerate(base)}
             in_base = [(k, pos_base[int(i)]) for k, i in enumerate(want) if int(i) in pos_base]
             if in_base:
+                assert self._h5 is not None  # rows in the committed store: it is open
                 ks, ps = zip(*sorted(in_base, key=lambda t: t[1]))
                 rows[list(ks)] = self._h5[method][c][list(ps)]  # h5py reads increasing positions
             if len(new_idx):
@@ -458,7 +475,7 @@ class ResultStore:
             arrays["meta"] = np.array(self._meta())
             try:
                 with open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
+                    np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its own options
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, final)

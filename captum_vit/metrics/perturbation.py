@@ -129,20 +129,18 @@ def _score_copies(
     baseline: Tensor,
     labels: Tensor,
     ranks: Tensor,
-    image_idx: Tensor,
-    rank_idx: Tensor,
-    ks: Tensor,
-    insert: Tensor,
+    copies: Tuple[Tensor, Tensor, Tensor, Tensor],
     batch_size: int,
 ) -> Tensor:
     """Target probability of each described copy, evaluated ``batch_size`` copies per forward.
 
-    Copy ``j`` is image ``image_idx[j]`` where the pixels with
+    ``copies`` is ``(image_idx, rank_idx, ks, insert)``: copy ``j`` is image ``image_idx[j]`` where the pixels with
     ``ranks[rank_idx[j], image_idx[j]] < ks[j]`` come from the image and the
     rest from the baseline if ``insert[j]``, and the other way round otherwise.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    image_idx, rank_idx, ks, insert = copies
     _, c, h, w = images.shape
     out = torch.empty(image_idx.numel(), dtype=torch.float64, device=images.device)
     for start in range(0, image_idx.numel(), batch_size):
@@ -198,8 +196,8 @@ def _curves(
     rank_of_dir = torch.tensor([table_of[d] for d, _ in directions], dtype=torch.long, device=dev)
     insert_of_dir = torch.tensor([ins for _, ins in directions], dtype=torch.bool, device=dev)
     scores = _score_copies(
-        model_fn, images, baseline, target, ranks, image_idx, rank_of_dir[dir_idx], k_all,
-        insert_of_dir[dir_idx], batch_size,
+        model_fn, images, baseline, target, ranks, (image_idx, rank_of_dir[dir_idx], k_all, insert_of_dir[dir_idx]),
+        batch_size,
     )
     return scores.reshape(n_dir, bsz, n_k)
 
@@ -356,7 +354,8 @@ def _deletion_baseline(
     raise ValueError(f"baseline must be 'black', 'grey' or 'blur', got {baseline!r}")
 
 
-def deletion_insertion(
+# the public metric: the model, the images and their maps, and the curve's options, all keywords with defaults
+def deletion_insertion(  # noqa: PLR0913
     model_fn: ModelFn,
     images: Tensor,
     maps: Tensor,

@@ -15,7 +15,7 @@ error naming the inner ViT to pass instead, since its forward could feed the ViT
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -57,8 +57,11 @@ def _unsupported_msg(model: object) -> str:
 def _uncompiled(model: nn.Module) -> nn.Module:
     # torch.compile returns an OptimizedModule whose _orig_mod is the module it compiles; the
     # description runs the original module's parts, so the numbers are those of the eager model.
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    while type(model).__name__ == "OptimizedModule":
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     return model
 
 
@@ -75,7 +78,7 @@ def _inner_vits(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if name and (is_timm_vit(m) or is_hf_vit(m))]
 
 
-def adapt(model: nn.Module) -> ViTAdapter:
+def adapt(model: Union[nn.Module, ViTAdapter]) -> ViTAdapter:
     """Return the :class:`ViTAdapter` describing ``model``.
 
     Args:
@@ -96,8 +99,7 @@ def adapt(model: nn.Module) -> ViTAdapter:
     inner = _uncompiled(model)
     if isinstance(inner, nn.Sequential):
         children = list(inner)
-        found = [(i, _bare(c)) for i, c in enumerate(children)]
-        found = [(i, a) for i, a in found if a is not None]
+        found = [(i, a) for i, c in enumerate(children) if (a := _bare(c)) is not None]
         if len(found) == 1:
             i, adapter = found[0]
             adapter.wrapper, adapter.pre, adapter.post = model, tuple(children[:i]), tuple(children[i + 1 :])

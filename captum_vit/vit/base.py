@@ -22,7 +22,7 @@ import contextlib
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +70,10 @@ class AttentionParts:
         if self.qkv is not None:
             q, k, v = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:
+            assert self.q is not None and self.k is not None and self.v is not None  # no qkv: separate q, k, v
             q, k, v = (lin(x).reshape(B, N, H, d).transpose(1, 2) for lin in (self.q, self.k, self.v))
         if self.q_norm is not None:
+            assert self.k_norm is not None  # q and k are normalised together
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
@@ -123,10 +125,14 @@ class HeadParts:
         if eps is None:
             x = self.norm(tokens)
         else:
-            x = F.layer_norm(tokens, self.norm.normalized_shape, self.norm.weight, self.norm.bias, eps)
+            # a request that changes the final norm's epsilon is only made for a LayerNorm
+            norm = cast(nn.LayerNorm, self.norm)
+            x = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, eps)
         if req is not None and req.activations:
+            assert rec is not None  # what a request asks for is recorded in a record
             rec.head_activations = {"tokens": tokens, "normed": x}
         if not self.tokens:
+            assert self.pooled is not None  # no token heads: the head pools
             return self.pooled(x)
         outs, features = [], []
         for index, linear in self.tokens:
@@ -136,6 +142,7 @@ class HeadParts:
             features.append(t)
             outs.append(linear(t))
         if req is not None and req.features:
+            assert rec is not None
             rec.features = features[0] if len(features) == 1 else sum(features) / len(features)
         return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
 
@@ -147,7 +154,7 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
     if req.block_inputs is True or (req.block_inputs and index in req.block_inputs):
         rec.block_inputs.append(tokens)
     elif req.block_inputs:
-        rec.block_inputs.append(None)  # keep block indices aligned
+        rec.block_inputs.append(None)  # type: ignore[arg-type]  # keeps block indices aligned; never read
     a_in = b.norm1(tokens)
     if req.detach:
         a_in = a_in.detach()
@@ -160,10 +167,11 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         o = attention_core(q, k, v, b.attn.scale, rec, req)
     else:  # keep block indices aligned in the records
         o = attention_core(q, k, v, b.attn.scale, rec, replace(req, attention="none", scores_cls=False))
+        # placeholders keep block indices aligned; only the requested layers are read
         if req.attention != "none":
-            rec.attention.append(None)
+            rec.attention.append(None)  # type: ignore[arg-type]
         if req.scores_cls:
-            rec.scores_cls.append(None)
+            rec.scores_cls.append(None)  # type: ignore[arg-type]
     heads_out = o.transpose(1, 2).flatten(2)
     attn_out = b.attn.output(heads_out)
     u = tokens + layer_scale(b.ls1, attn_out)
@@ -281,8 +289,8 @@ def attention_core(
         attn = attn.detach().requires_grad_(True)
     if req.attention == "keep" and req.attention_heads != "all":
         # Fused over heads as it is recorded: H times less memory for methods that fuse anyway.
-        fused = {"mean": attn.mean, "max": attn.amax, "min": attn.amin}[req.attention_heads](dim=1)
-        rec.attention.append(fused.unsqueeze(1))
+        reductions: Dict[str, Callable[..., Tensor]] = {"mean": attn.mean, "max": attn.amax, "min": attn.amin}
+        rec.attention.append(reductions[req.attention_heads](dim=1).unsqueeze(1))
     elif req.attention != "none":
         rec.attention.append(attn)
     if dropout is not None:
@@ -558,12 +566,15 @@ class ViTAdapter:
 
     def logits(self, inputs: Tensor) -> Tensor:
         """The wrapper's output ``[B, num_classes]`` for ``inputs``, recording nothing."""
-        return self.forward(inputs).logits
+        logits = self.forward(inputs).logits
+        assert logits is not None  # forward always sets them
+        return logits
 
     def _pure_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
         return self._run_blocks(self.embed(images), 0, rec, req)
 
     def _run_blocks(self, tokens: Tensor, start: int, rec: Record, req: Request) -> Tensor:
+        assert self.parts is not None  # the pure forward runs only where the parts cover the model
         for index in range(start, self.num_layers):
             tokens = _pure_block(self.parts[index], tokens, rec, req, index)
         if req.cls_tokens:
@@ -599,7 +610,7 @@ class ViTAdapter:
         """
         owner = threading.get_ident()
         with model_lock(self.model):
-            saved: List[Tuple[nn.Module, bool, object]] = []
+            saved: List[Tuple[nn.Module, bool, Any]] = []
             handles = []
             try:
                 for attn in self.attentions:
@@ -648,13 +659,16 @@ class ViTAdapter:
         B, H, d = targets.shape[0], self.num_heads, self.head_dim
         head = self.head
         final = rec.final_cls
+        # recorded with cls_tokens=True, and only where one_token_support() holds: the parts exist and
+        # every norm on the path is a LayerNorm and every activation has a known derivative
+        assert final is not None and self.parts is not None, "needs a record of Request(cls_tokens=True)"
         # Other prefix tokens never feed back into the [class] row: tokens interact only through
         # the detached attention, so only the heads reading token 0 contribute here.
         (_, linear), n_heads = head.tokens[0], len(head.tokens)
         g = linear.weight.index_select(0, targets).to(final.dtype) / n_heads
         if head.fc_norm is not None:
-            g = layer_norm_vjp(head.norm(final), head.fc_norm, g)
-        g = layer_norm_vjp(final, head.norm, g)
+            g = layer_norm_vjp(head.norm(final), cast(nn.LayerNorm, head.fc_norm), g)
+        g = layer_norm_vjp(final, cast(nn.LayerNorm, head.norm), g)
         grads: Dict[int, Tensor] = {}
         for k in range(self.num_layers - 1, first_layer - 1, -1):
             b, u = self.parts[k], rec.mid_cls[k]
@@ -671,6 +685,6 @@ class ViTAdapter:
         a = b.act(h)
         g = linear_vjp(b.fc2, layer_scale(b.ls2, g))
         if b.mlp_norm is not None:
-            g = layer_norm_vjp(a, b.mlp_norm, g)
-        g = activation_vjp(activation_kind(b.act), h, g)
-        return layer_norm_vjp(u, b.norm2, linear_vjp(b.fc1, g))
+            g = layer_norm_vjp(a, cast(nn.LayerNorm, b.mlp_norm), g)
+        g = activation_vjp(cast(str, activation_kind(b.act)), h, g)
+        return layer_norm_vjp(u, cast(nn.LayerNorm, b.norm2), linear_vjp(b.fc1, g))

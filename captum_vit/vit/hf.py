@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from typing import Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ def is_hf_vit(model: nn.Module) -> bool:
     return type(model).__name__ == "ViTForImageClassification"
 
 
-def _attention_parts(a: nn.Module) -> AttentionParts:
+def _attention_parts(a: Any) -> AttentionParts:  # a transformers ViTAttention
     return AttentionParts(
         num_heads=a.num_attention_heads if hasattr(a, "num_attention_heads") else a.config.num_attention_heads,
         head_dim=a.head_dim,
@@ -40,6 +40,12 @@ def _attention_parts(a: nn.Module) -> AttentionParts:
 
 class HFViTAdapter(ViTAdapter):
     library = "transformers"
+    # transformers' ViTForImageClassification and its layers: their attributes (vit, config, attention,
+    # ...) are transformers', which nn.Module's typing cannot see
+    model: Any
+    blocks: List[Any]
+    attentions: List[Any]
+    config: Any
 
     def __init__(self, model: nn.Module):
         vit = getattr(model, "vit", None)
@@ -59,7 +65,8 @@ class HFViTAdapter(ViTAdapter):
                     "transformers version's ViT layout is not supported (captum-vit reads transformers >= 5)"
                 )
             self.attentions.append(a)
-        cfg = model.config
+        hf: Any = model  # its attributes are transformers', which nn.Module's typing cannot see
+        cfg = hf.config
         self.config = cfg
         self.num_heads = cfg.num_attention_heads
         self.head_dim = self.attentions[0].head_dim
@@ -82,7 +89,7 @@ class HFViTAdapter(ViTAdapter):
             for layer in self.blocks
         ]
         self.parts_missing = ""
-        self.head = HeadParts(norm=model.vit.layernorm, pooling="token", tokens=((0, model.classifier),))
+        self.head = HeadParts(norm=hf.vit.layernorm, pooling="token", tokens=((0, hf.classifier),))
 
     @property
     def num_classes(self) -> int:

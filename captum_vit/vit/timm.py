@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -34,12 +34,17 @@ def _opt(module: Optional[nn.Module]) -> Optional[nn.Module]:
     return None if module is None or isinstance(module, nn.Identity) else module
 
 
-def _gamma(ls: nn.Module) -> Optional[Tensor]:
+def _gamma(ls: Any) -> Optional[Tensor]:  # timm's LayerScale, or Identity
     return None if isinstance(ls, nn.Identity) else ls.gamma
 
 
 class TimmViTAdapter(ViTAdapter):
     library = "timm"
+    # timm's VisionTransformer, its blocks and attention modules: their attributes (blocks, patch_embed,
+    # num_heads, ...) are timm's, which nn.Module's typing cannot see
+    model: Any
+    blocks: List[Any]
+    attentions: List[Any]
 
     def __init__(self, model: nn.Module):
         try:
@@ -51,7 +56,8 @@ class TimmViTAdapter(ViTAdapter):
         if not is_timm_vit(model):
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
         self.model = self.wrapper = model
-        self.blocks = list(model.blocks)
+        vit: Any = model  # its attributes are timm's, which nn.Module's typing cannot see
+        self.blocks = list(vit.blocks)
         self.attentions = []
         for i, blk in enumerate(self.blocks):
             attn = getattr(blk, "attn", None)
@@ -65,16 +71,16 @@ class TimmViTAdapter(ViTAdapter):
             self.attentions.append(attn)
         a0 = self.attentions[0]
         self.num_heads, self.head_dim = a0.num_heads, a0.head_dim
-        self.embed_dim = model.embed_dim
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.embed_dim = vit.embed_dim
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.has_class_token = getattr(vit, "cls_token", None) is not None
         if isinstance(model, VisionTransformerDistilled):
             self.pooling = "token_distill"
-        elif getattr(model, "attn_pool", None) is not None:
+        elif getattr(vit, "attn_pool", None) is not None:
             self.pooling = "map"
         else:
-            self.pooling = model.global_pool or "none"
-        pe = model.patch_embed
+            self.pooling = vit.global_pool or "none"
+        pe = vit.patch_embed
         self.patch_size = tuple(pe.patch_size)
         # The first convolution reads the image (a linear patch projection or a convolutional stem).
         self.in_chans = next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -89,7 +95,8 @@ class TimmViTAdapter(ViTAdapter):
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block:
                 return None, f"block {i} is {type(blk).__name__}, not the pre-norm timm Block"
-            a, mlp = blk.attn, blk.mlp
+            a: Any = blk.attn
+            mlp: Any = blk.mlp
             if getattr(a, "gate", None) is not None:
                 return None, f"block {i}'s attention gates its output"
             if not all(hasattr(mlp, n) for n in ("fc1", "act", "fc2")) or type(mlp).__name__ != "Mlp":
@@ -123,7 +130,7 @@ class TimmViTAdapter(ViTAdapter):
 
     def _describe_head(self) -> HeadParts:
         m = self.model
-        tokens: Tuple = ()
+        tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
         if self.pooling == "token" and isinstance(m.head, nn.Linear):
             tokens = ((0, m.head),)
         elif self.pooling == "token_distill" and isinstance(m.head, nn.Linear):
