@@ -173,6 +173,7 @@ class ResultStore:
         import fcntl
 
         lock_path = f"{self.path}.lock"
+        os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
