@@ -7,9 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from captum_vit.viz import denormalise, overlay_stems
-
-__all__ = ["main", "explain", "export", "overlay_stems", "build_parser"]
+__all__ = ["main", "explain", "export", "build_parser"]
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -117,7 +115,7 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
     """Explain image files with one method; write one overlay PNG per image. Returns one record per image.
 
     Overlays are named ``<stem>_<method>_class<c>.png`` after the image file; images whose stems
-    coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`overlay_stems`).
+    coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`captum_vit.viz.overlay_stems`).
     ``method`` is a short name of :data:`captum_vit.attr.METHODS` (``agcam``, ``rollout``,
     ``lrp``, ``gae``, ``cdam``, ``raw``). Images are explained ``batch_size`` at a time.
 
@@ -128,6 +126,7 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
     """
     from captum_vit.attr import METHODS
     from captum_vit.models import load_model
+    from captum_vit.viz import overlay_stems
 
     _check_explain_options(images, out, batch_size, on_error, json_path)
     if method not in METHODS:
@@ -196,7 +195,7 @@ def _explain_batch(explainer, batch: list, paths: List[str], stems: List[str], c
     per image; a map computed from NaNs must not look like a result, so it gets a flag and a warning instead."""
     import torch
 
-    from captum_vit.viz import save_overlay
+    from captum_vit.viz import denormalise, save_overlay
 
     x = torch.cat(batch).to(device)
     cams, logits = explainer.attribute(x, target=target, return_logits=True)
@@ -312,8 +311,7 @@ def _cmd_report(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_vit.attr import METHODS
-    from captum_vit.onnx import EXPORTABLE_METHODS
+    from captum_vit.attr import EXPORTABLE_METHODS, METHODS
 
     parser = argparse.ArgumentParser(
         prog="captum-vit", description="Class-specific explanations for Vision Transformers (AGCAM, Captum)."

@@ -18,14 +18,13 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
 
 from captum_vit.attr import resolve_methods
-from captum_vit.evaluation import evaluate, json_safe
-from captum_vit.evaluation.schema import METRIC_GROUPS, metric
-from captum_vit.metrics.localization import boxes_touch_instances
+from captum_vit.evaluation.schema import METRIC_GROUPS, json_safe, metric
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["run_demo", "add_demo_arguments", "run_demo_from_args", "resolve_methods", "format_table", "main",
            "validate_demo_options"]
@@ -120,6 +119,8 @@ def run_demo(  # noqa: PLR0913 - the Python face of `captum-vit demo`: one keywo
             training seed, or a model in train mode.
     """
     from captum_vit.data import CLASSES, ShapesDataset
+    from captum_vit.evaluation import evaluate
+    from captum_vit.metrics.localization import boxes_touch_instances
 
     t_start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout

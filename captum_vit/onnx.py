@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_vit.attr import METHODS
+from captum_vit.attr import EXPORTABLE_METHODS, METHODS
 from captum_vit.vit import adapt
 
 __all__ = ["export_onnx", "EXPORTABLE_METHODS", "FORMAT_VERSION"]
 
-#: Methods whose computation is forward-only (AGCAM through its one-token engine).
-EXPORTABLE_METHODS = ("agcam", "rollout", "raw")
 FORMAT_VERSION = "1"
 
 

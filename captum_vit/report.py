@@ -30,13 +30,15 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from captum_vit.evaluation import METRICS, STORE_NAME, json_safe, load_store, summary
-from captum_vit.viz import denormalise
+from captum_vit.evaluation.schema import METRICS, json_safe, summary
+from captum_vit.evaluation.store import STORE_NAME, load_store
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SCORES", "ReportError", "build_report", "select_pictures", "add_report_arguments", "run_report_from_args"]
 
@@ -85,6 +87,8 @@ def _webp(rgb: np.ndarray, quality: int) -> str:
 
 def _heat(grid_map: np.ndarray, size: Tuple[int, int], threshold: float) -> Tuple[str, List[List[int]]]:
     """The map as the protocol sees it (upsampled, min-max), coloured; and its contour boxes."""
+    import torch
+
     from captum_vit.metrics import contour_boxes, minmax_normalize, upsample
     from captum_vit.viz import colorize
 
@@ -130,6 +134,8 @@ class _Images:
         if isinstance(self.ds, ShapesDataset):
             r = self.ds.raw(int(index))
             return r["image_uint8"], np.asarray(r["boxes"]).reshape(-1, 4)
+        from captum_vit.viz import denormalise
+
         s = self.ds[int(index)]
         if s is None:
             raise ReportError(f"image {index} of the dataset cannot be read now")
@@ -160,6 +166,8 @@ def _registered_class(name: str, path: Any) -> type:
 
 def _pairs(fingerprint: Mapping[str, Any], run: Mapping[str, Any], methods: Sequence[str], n: int,
            threshold: float, model: Optional[torch.nn.Module]) -> List[Dict[str, Any]]:
+    import torch
+
     from captum_vit.data import ShapesDataset
     from captum_vit.evaluation import weights_fingerprint
 

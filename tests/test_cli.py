@@ -8,8 +8,9 @@ import timm
 import torch
 from PIL import Image
 
-from captum_vit.cli import explain, main, overlay_stems
+from captum_vit.cli import explain, main
 from captum_vit.models import load_checkpoint_state, load_model
+from captum_vit.viz import overlay_stems
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -429,3 +430,25 @@ def test_explain_flags_nan_logits_from_nan_weights(images, tmp_path, capsys):
     assert all(r["probability"] is None for r in recs)  # NaN as null: strict JSON
     records = explain(images, MODEL, checkpoint=str(ck), out=str(tmp_path / "o2"))
     assert [r["finite"] for r in records] == [False, False]
+
+
+def test_help_imports_no_torch():
+    """`captum-vit --help` (and each command's) answers without importing torch, timm or h5py."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from captum_vit.cli import main\n"
+        "for argv in (['--help'], ['evaluate', '--help'], ['explain', '--help'], ['export', '--help'],\n"
+        "             ['report', '--help'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "print(sorted(m for m in ('torch', 'timm', 'captum', 'h5py', 'matplotlib', 'cv2') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "--methods" in proc.stdout and "{agcam,rollout,lrp,gae,cdam,raw}" in proc.stdout

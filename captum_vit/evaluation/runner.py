@@ -52,8 +52,8 @@ from torch import Tensor
 
 from captum_vit.evaluation.datasets import build_dataset, collate_for, describe_dataset
 from captum_vit.evaluation.options import EvalOptions, RunOptions
-from captum_vit.evaluation.schema import METRIC_GROUPS, format_markdown, json_safe, summarise
-from captum_vit.evaluation.store import FORMAT_VERSION, ResultStore
+from captum_vit.evaluation.schema import METRIC_GROUPS, format_markdown, json_safe, summary
+from captum_vit.evaluation.store import FORMAT_VERSION, STORE_NAME, ResultStore
 from captum_vit.metrics import (
     ABPC_FRACTIONS,
     abpc,
@@ -68,10 +68,8 @@ from captum_vit.metrics import (
 from captum_vit.zoo.shapes import sha256_file
 
 __all__ = ["EvaluationInterrupted", "INSENSITIVITY_FRACTION", "STORE_NAME", "evaluate", "fingerprint",
-           "run_evaluation", "summary", "weights_fingerprint"]
+           "run_evaluation", "weights_fingerprint"]
 
-#: the file name of the store inside an evaluation's output folder
-STORE_NAME = "results.h5"
 #: share of the most relevant patches removed for the insensitivity diagnostic
 INSENSITIVITY_FRACTION = 0.2
 
@@ -115,12 +113,6 @@ def fingerprint(model: torch.nn.Module, dataset: Any, classes: Mapping[str, type
         "dataset": describe_dataset(dataset),
         **({"localize_all": True} if ident.get("localize_all") else {}),
     }
-
-
-def summary(store: ResultStore, groups: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """Each method's means over the rows of ``store`` (see :func:`captum_vit.evaluation.schema.summarise`)."""
-    return summarise({m: store.read(m, maps=False) for m in store.methods}, groups,
-                     only_correct=not store.fingerprint.get("localize_all", False))
 
 
 def _version() -> str:

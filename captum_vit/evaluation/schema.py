@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["METRICS", "METRIC_GROUPS", "Metric", "format_markdown", "json_safe", "summarise"]
+__all__ = ["METRICS", "METRIC_GROUPS", "Metric", "format_markdown", "json_safe", "summarise", "summary"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,13 @@ def summarise(rows_by_method: Mapping[str, Mapping[str, np.ndarray]], groups: Se
                     s[c] = float(rows[c][finite].mean()) if finite.any() else float("nan")
         out[m] = s
     return out
+
+
+def summary(store: Any, groups: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Each method's means over the rows of a :class:`~captum_vit.evaluation.store.ResultStore`
+    (see :func:`summarise`)."""
+    return summarise({m: store.read(m, maps=False) for m in store.methods}, groups,
+                     only_correct=not store.fingerprint.get("localize_all", False))
 
 
 def format_markdown(result: Mapping[str, Any], title: str = "") -> str:

@@ -44,6 +44,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ID_COLUMNS",
     "MAP_COLUMNS",
+    "STORE_NAME",
     "ResultStore",
     "StoreCorruptError",
     "StoreLockedError",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
+#: the file name of the store inside an evaluation's output folder
+STORE_NAME = "results.h5"
 #: columns every method stores: the dataset index, labels, probabilities and whether logits and maps were finite
 ID_COLUMNS = ("index", "label", "pred", "prob_pred", "prob_label", "finite")
 _INT_COLUMNS = ("index", "label", "pred", "finite")
@@ -572,7 +575,7 @@ class ResultStore:
         self.close()
 
 
-def load_store(path: str, name: str = "results.h5") -> ResultStore:
+def load_store(path: str, name: str = STORE_NAME) -> ResultStore:
     r"""Open an existing result store read-only, whatever run wrote it (a folder: its ``results.h5``).
 
     The fingerprint, methods and columns are taken from the file; committed rows and the parts of
