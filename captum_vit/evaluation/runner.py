@@ -158,24 +158,55 @@ class _Batches(torch.utils.data.Dataset):
         return self.collate([self.dataset[j] for j in self.batches[i]])
 
 
-def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Mapping[str, Any],
-                 opts: EvalOptions, device: torch.device, observe: Optional[Observer] = None,
-                 name: str = "") -> Dict[str, np.ndarray]:
-    """Every stored column of one method on one batch (see :class:`ResultStore`)."""
-    groups, threshold, keep_maps = opts.metrics, float(opts.threshold), opts.keep_maps
-    x = batch["image"].to(device)
-    labels = batch["label"].to(device)
-    n, size = x.shape[0], tuple(x.shape[-2:])
-    maps_pred, logits = explainer.attribute(x, target=None, return_logits=True)
-    maps_pred, probs = maps_pred.detach(), logits.detach().float().softmax(-1)
-    pred = probs.argmax(-1)
-    correct = pred == labels
-    prob_label = probs.gather(1, labels[:, None])[:, 0]
+def _lean(opts: EvalOptions) -> bool:
+    """Localization alone, no maps kept: a method after the first explains only the images it scores."""
+    return tuple(opts.metrics) == ("localization",) and not opts.keep_maps
+
+
+def _predicted_maps(explainer: Any, x: Tensor, only_correct: bool, labels: Tensor,
+                    first_logits: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(maps for the predicted class, logits, rows localization scores)``.
+
+    With ``first_logits`` (the first method's logits of this batch, in a :func:`_lean` run) the
+    method explains only the rows localization scores, for the class those logits predict; the
+    other rows keep a zero map, neither stored nor scored.
+    """
+    if first_logits is None:
+        maps, logits = explainer.attribute(x, target=None, return_logits=True)
+        maps, logits = maps.detach(), logits.detach()
+    else:
+        logits = first_logits
+    pred = logits.float().softmax(-1).argmax(-1)  # as the columns compute it, to the last tie
+    scored = torch.nonzero((pred == labels) if only_correct else torch.ones_like(labels, dtype=torch.bool)).flatten()
+    if first_logits is not None:
+        part = explainer.attribute(x[scored], target=pred[scored]).detach() if len(scored) else None
+        maps = torch.zeros((x.shape[0], 1) + (tuple(part.shape[-2:]) if part is not None else (1, 1)),
+                           dtype=part.dtype if part is not None else torch.float32, device=x.device)
+        if part is not None:
+            maps[scored] = part
+    return maps, logits, scored
+
+
+def _check_labels(labels: Tensor, n_classes: int) -> None:
     if int(labels.min()) < 0:  # a negative target would mean "the predicted class" to the methods
         raise ValueError(f"a label ({int(labels.min())}) is negative: the dataset's labels must be class indices")
-    if int(labels.max()) >= probs.shape[1]:
-        raise ValueError(f"a label ({int(labels.max())}) is outside the model's {probs.shape[1]} classes: the dataset "
+    if int(labels.max()) >= n_classes:
+        raise ValueError(f"a label ({int(labels.max())}) is outside the model's {n_classes} classes: the dataset "
                          "and the model's head do not match; give a model (or --checkpoint) trained on this dataset")
+
+
+def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Mapping[str, Any],  # noqa: PLR0913
+                 opts: EvalOptions, device: torch.device, observe: Optional[Observer] = None, name: str = "",
+                 first_logits: Optional[Tensor] = None) -> Tuple[Dict[str, np.ndarray], Tensor]:
+    """Every stored column of one method on one batch (see :class:`ResultStore`), and the logits it used."""
+    groups = opts.metrics
+    x = batch["image"].to(device)
+    labels = batch["label"].to(device)
+    maps_pred, logits, scored = _predicted_maps(explainer, x, opts.only_correct, labels, first_logits)
+    probs = logits.float().softmax(-1)
+    _check_labels(labels, probs.shape[1])
+    pred = probs.argmax(-1)
+    prob_label = probs.gather(1, labels[:, None])[:, 0]
     cols: Dict[str, np.ndarray] = {
         "index": batch["index"].numpy().astype(np.int64),
         "label": labels.cpu().numpy().astype(np.int64),
@@ -185,46 +216,58 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
     }
     # the ground-truth-class map: the same map where the prediction is right, a second call elsewhere
     maps_label = maps_pred.clone()
-    wrong = torch.nonzero(~correct).flatten()
-    if len(wrong) and (keep_maps or "abpc" in groups or "diagnostics" in groups):
+    wrong = torch.nonzero(pred != labels).flatten()
+    if len(wrong) and (opts.keep_maps or "abpc" in groups or "diagnostics" in groups):
         maps_label[wrong] = explainer.attribute(x[wrong], target=labels[wrong]).detach()
     # a non-finite logit or map gives no score: every metric of that row is NaN, never a number that looks right
-    finite = torch.isfinite(logits.detach()).all(-1) & torch.isfinite(maps_pred.flatten(1)).all(-1) \
+    finite = torch.isfinite(logits).all(-1) & torch.isfinite(maps_pred.flatten(1)).all(-1) \
         & torch.isfinite(maps_label.flatten(1)).all(-1)
     cols["finite"] = finite.cpu().numpy().astype(np.int64)
-    if keep_maps:
+    if opts.keep_maps:
         cols["map_pred"] = maps_pred.flatten(0, 1).cpu().numpy().astype(np.float16)
         cols["map_label"] = maps_label.flatten(0, 1).cpu().numpy().astype(np.float16)
     if "localization" in groups:
-        loc = {c: np.full(n, np.nan) for c in METRIC_GROUPS["localization"]}
-        keep = torch.nonzero(correct if opts.only_correct else torch.ones_like(correct)).flatten()
-        if len(keep):
-            res = evaluate_localization(maps_pred[keep].float().cpu(), [batch["boxes"][i] for i in keep.tolist()],
-                                        threshold=threshold, size=size, return_boxes=observe is not None)
-            if observe is not None:
-                res, boxes = res
-                observe(name, batch, maps_pred[keep].float().cpu(), keep.tolist(), boxes)
-            for c in loc:
-                loc[c][keep.cpu().numpy()] = _np(res[c])
-        cols.update(loc)
+        cols.update(_localization(batch, maps_pred, scored, float(opts.threshold), observe, name))
     if "abpc" in groups:
         res = abpc(model_fn, x, maps_label, labels, batch_size=opts.abpc_batch_size)
         cols.update({c: _np(res[c]) for c in METRIC_GROUPS["abpc"]})
     if "diagnostics" in groups:
-        gt_mask = torch.stack([boxes_to_mask(bx, size) for bx in batch["boxes"]])
-        cols["texture_collapse"] = _np(texture_collapse(maps_label))
-        cols["entropy"] = _np(map_entropy(maps_label))
-        cols["mass_outside"] = _np(mass_outside(maps_label.cpu(), gt_mask))
-        patch = size[0] // maps_label.shape[-2]
-        x_removed = remove_top_patches(x, maps_label, patch, fraction=INSENSITIVITY_FRACTION)
-        maps_removed, logits_removed = explainer.attribute(x_removed, target=labels, return_logits=True)
-        prob_removed = logits_removed.detach().float().softmax(-1).gather(1, labels[:, None])[:, 0]
-        ins = insensitivity(maps_label, maps_removed.detach(), prob_label, prob_removed)
-        cols["insensitivity"], cols["prob_drop"] = _np(ins["spearman"]), _np(ins["prob_drop"])
+        cols.update(_diagnostics(explainer, batch, x, labels, maps_label, prob_label))
     bad = ~cols["finite"].astype(bool)
     for c in [c for g in groups for c in METRIC_GROUPS[g]]:
         cols[c][bad] = np.nan
-    return cols
+    return cols, logits
+
+
+def _localization(batch: Mapping[str, Any], maps_pred: Tensor, scored: Tensor, threshold: float,
+                  observe: Optional[Observer], name: str) -> Dict[str, np.ndarray]:
+    """The localization columns: the scored rows' metrics, NaN elsewhere; ``observe`` sees their maps and boxes."""
+    loc = {c: np.full(maps_pred.shape[0], np.nan) for c in METRIC_GROUPS["localization"]}
+    if len(scored):
+        maps = maps_pred[scored].float().cpu()
+        res = evaluate_localization(maps, [batch["boxes"][i] for i in scored.tolist()], threshold=threshold,
+                                    size=tuple(batch["image"].shape[-2:]), return_boxes=observe is not None)
+        if observe is not None:
+            res, boxes = res
+            observe(name, batch, maps, scored.tolist(), boxes)
+        for c in loc:
+            loc[c][scored.cpu().numpy()] = _np(res[c])
+    return loc
+
+
+def _diagnostics(explainer: Any, batch: Mapping[str, Any], x: Tensor, labels: Tensor, maps_label: Tensor,
+                 prob_label: Tensor) -> Dict[str, np.ndarray]:
+    """Texture collapse, entropy, mass outside the boxes and insensitivity of the ground-truth-class maps."""
+    size = tuple(x.shape[-2:])
+    gt_mask = torch.stack([boxes_to_mask(bx, size) for bx in batch["boxes"]])
+    patch = size[0] // maps_label.shape[-2]
+    x_removed = remove_top_patches(x, maps_label, patch, fraction=INSENSITIVITY_FRACTION)
+    maps_removed, logits_removed = explainer.attribute(x_removed, target=labels, return_logits=True)
+    prob_removed = logits_removed.detach().float().softmax(-1).gather(1, labels[:, None])[:, 0]
+    ins = insensitivity(maps_label, maps_removed.detach(), prob_label, prob_removed)
+    return {"texture_collapse": _np(texture_collapse(maps_label)), "entropy": _np(map_entropy(maps_label)),
+            "mass_outside": _np(mass_outside(maps_label.cpu(), gt_mask)),
+            "insensitivity": _np(ins["spearman"]), "prob_drop": _np(ins["prob_drop"])}
 
 
 def _distributed() -> Tuple[int, int]:
@@ -377,10 +420,14 @@ def _run_batches(  # noqa: PLR0913 - one step of evaluate(), handed evaluate's s
         for b, (batch, wanted) in enumerate(zip(loader, batches)):
             # unreadable files dropped with on_error="skip" are recorded, so a rerun does not try them again
             skipped = sorted(set(wanted) - set(batch["index"].tolist()))
-            rows = {}
+            rows: Dict[str, Dict[str, np.ndarray]] = {}
+            first_logits = None  # in a lean run, the methods after the first take the first one's predictions
             for name, explainer in explainers.items() if len(batch["label"]) else ():
                 t0 = time.perf_counter()
-                rows[name] = _score_batch(explainer, model_fn, batch, opts, device, observe, name)
+                rows[name], logits = _score_batch(explainer, model_fn, batch, opts, device, observe, name,
+                                                  first_logits)
+                if _lean(opts):
+                    first_logits = logits
                 seconds[name] += time.perf_counter() - t0
             rs.append(rows, skipped=skipped)
             n_computed += len(batch["label"])
