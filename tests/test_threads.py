@@ -7,8 +7,7 @@ import torch
 
 from captum_vit import AGCAM
 from captum_vit.attr import METHODS
-from conftest import input_for, make
-from test_agcam import _close, _state
+from helpers import _close, _state, input_for, make, make_timm
 
 THREADS, CALLS = 4, 8
 
@@ -84,8 +83,6 @@ def test_threads_share_one_model(name, arch):
 
 
 def _plain_model(arch):
-    from conftest import make_timm
-
     # "respost": post-norm blocks, which run the patched fallback; "train": training mode with
     # every dropout and drop-path rate 0 (timm's default), so that outputs are deterministic;
     # "respost_train": both.
