@@ -29,7 +29,8 @@ def _method(name, model):
 
 
 CASES = [("agcam", arch) for arch in ("plain", "registers", "respost", "hf")] + [
-    (name, arch)
+    # 4 x 8 calls each on a 2-core machine: the other methods' cases are left out of the quick loop.
+    pytest.param(name, arch, marks=pytest.mark.slow)
     for name in ("agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
     for arch in ("plain", "respost", "hf")
     # LRP and CDAM need the block parts; the post-norm blocks run the patched fallback instead.
