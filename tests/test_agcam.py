@@ -1,16 +1,12 @@
+import functools
 
 import pytest
 import torch
 
 from captum_vit import AGCAM
 from captum_vit.vit import UnsupportedModelError, adapt
-from conftest import ARCHS, input_for, make, make_timm
+from helpers import ARCHS, _close, _state, input_for, make, make_timm, raise_inside_block_1_mlp
 from reference import agcam_reference, logits_reference
-
-
-def _close(a, b, rel=1e-5):
-    scale = max(b.abs().max().item(), 1e-12)
-    assert (a - b).abs().max().item() <= rel * scale, f"max diff {(a - b).abs().max().item()} vs scale {scale}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -120,25 +116,6 @@ def test_works_under_no_grad():
 
 
 # ------------------------------------------------------------------ leaves the model as found
-def _state(model):
-    s = []
-    for name, mod in model.named_modules():
-        s.append(
-            (
-                name,
-                tuple(mod._forward_hooks),
-                tuple(mod._forward_pre_hooks),
-                tuple(mod._backward_hooks),
-                tuple(getattr(mod, "_backward_pre_hooks", {})),
-                "forward" in mod.__dict__,
-                mod.training,
-                getattr(mod, "fused_attn", None),
-            )
-        )
-    s.append(tuple((n, p.requires_grad) for n, p in model.named_parameters()))
-    return s
-
-
 @pytest.mark.parametrize("arch", ["plain", "hf"])
 @pytest.mark.parametrize("engine", ["one_token", "generic"])
 def test_model_left_as_found(arch, engine):
@@ -160,20 +137,7 @@ def test_model_left_as_found_when_an_exception_escapes_mid_forward(arch):
     # inside block 1's MLP must leave no patched forward or hook of ours behind either way.
     model = make(arch)
     x = input_for(arch, batch=2)
-    before = _state(model)
-    blocks = model.blocks if arch != "hf" else model.vit.layers
-
-    def boom(_m, _args):
-        raise RuntimeError("boom")
-
-    handle = blocks[1].mlp.fc1.register_forward_pre_hook(boom)
-    try:
-        for engine in ("auto", "generic"):
-            with pytest.raises(RuntimeError, match="boom"):
-                AGCAM(model, engine=engine).attribute(x, target=[1, 2])
-    finally:
-        handle.remove()
-    assert _state(model) == before
+    raise_inside_block_1_mlp(model, [functools.partial(AGCAM, engine=engine) for engine in ("auto", "generic")], x)
 
 
 def test_fused_attention_flag_kept_and_restored():

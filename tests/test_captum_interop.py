@@ -3,7 +3,7 @@ from captum.attr import NoiseTunnel
 from captum.metrics import sensitivity_max
 
 from captum_vit import AGCAM
-from conftest import input_for, make_timm
+from helpers import input_for, make_timm
 
 
 def test_get_name_and_captum_base_classes():

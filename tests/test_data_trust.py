@@ -23,7 +23,7 @@ from captum_vit.data import (
     collate_annotated,
 )
 from captum_vit.data.boxes import load_rgb
-from test_datasets import S, _cub, _imagenet_csv, _imagenet_folders, _voc, _voc_xml, _write_image
+from helpers import S, _cub, _imagenet_csv, _imagenet_folders, _voc, _voc_xml, _write_image
 
 
 def _mode(path):

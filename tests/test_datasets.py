@@ -21,93 +21,22 @@ from captum_vit.data import (
     VOCSingleClass,
     collate_annotated,
 )
+from helpers import (
+    IMNET,
+    IMNET_EXPECTED,
+    WNID_2,
+    WNID_5,
+    WNID_9,
+    S,
+    _cub,
+    _imagenet_csv,
+    _imagenet_folders,
+    _voc,
+    _write_image,
+)
 
-S = 32  # small input size keeps the tests fast; the rules do not depend on it
-
-
-def _write_image(path, size, seed, fmt="JPEG"):
-    w, h = size
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path, fmt)
-
-
-def _write_corrupt(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-
-
-def _voc_xml(path, size, objects, bad_field=False):
-    w, h = size
-    objs = []
-    for name, (x0, y0, x1, y1), *rest in objects:
-        difficult = rest[0] if rest else 0
-        xmin = "abc" if bad_field else str(x0)
-        objs.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin>"
-                    f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"<annotation><filename>x</filename><size><width>{w}</width><height>{h}</height>"
-                f"<depth>3</depth></size>{''.join(objs)}</annotation>")
-
-
-# ------------------------------------------------------------------------------------------- ImageNet
-# three real ImageNet-1k wnids, canonical indices 2, 5 and 9 (under 10, the tiny test models' head)
-WNID_2, WNID_5, WNID_9 = "n01484850", "n01496331", "n01518878"
-# (image id, wnid, (w, h), boxes of its class, boxes of another class present in the XML only)
-IMNET = [
-    ("ILSVRC2012_val_00000001", WNID_9, (100, 50), [(10, 5, 59, 39), (70, 0, 99, 49)], [(0, 0, 5, 5)]),
-    ("ILSVRC2012_val_00000002", WNID_2, (64, 80), [(0, 0, 63, 79)], []),
-    ("ILSVRC2012_val_00000003", WNID_5, (30, 30), [(3, 4, 30, 25)], []),
-]
-# hand-computed at S = 32
-IMNET_EXPECTED = {
-    "ILSVRC2012_val_00000001": (9, [[3, 3, 18, 24], [22, 0, 31, 31]]),
-    "ILSVRC2012_val_00000002": (2, [[0, 0, 31, 31]]),
-    "ILSVRC2012_val_00000003": (5, [[3, 4, 31, 26]]),  # xmax = width -> 32 -> clipped to 31
-}
-
-
-def _imagenet_folders(root, extra=()):
-    """Layout (a); class folders created in reverse-sorted order so that listing order cannot give labels."""
-    data = os.path.join(root, "Data", "CLS-LOC", "val")
-    ann = os.path.join(root, "Annotations", "CLS-LOC", "val")
-    os.makedirs(ann, exist_ok=True)
-    for k, (iid, wnid, size, boxes, others) in enumerate(IMNET):
-        _write_image(os.path.join(data, wnid, iid + ".JPEG"), size, seed=k)
-        _voc_xml(os.path.join(ann, iid + ".xml"), size, [(wnid, b) for b in boxes] + [("n00000042", b)
-                                                                                         for b in others])
-    for iid, wnid, kind in extra:
-        img = os.path.join(data, wnid, iid + ".JPEG")
-        if kind == "corrupt":
-            _write_corrupt(img)
-            _voc_xml(os.path.join(ann, iid + ".xml"), (20, 20), [(wnid, (1, 1, 5, 5))])
-        elif kind == "bad_xml":
-            _write_image(img, (20, 20), seed=99)
-            _voc_xml(os.path.join(ann, iid + ".xml"), (20, 20), [(wnid, (1, 1, 5, 5))], bad_field=True)
-        elif kind == "size_mismatch":
-            _write_image(img, (20, 20), seed=98)
-            _voc_xml(os.path.join(ann, iid + ".xml"), (40, 20), [(wnid, (1, 1, 5, 5))])
-    return root
-
-
-def _imagenet_csv(src_root, root, mapping=None):
-    """Layout (b) from the same image bytes, csv rows in reverse order."""
-    data = os.path.join(root, "Data", "CLS-LOC", "val")
-    os.makedirs(data)
-    rows = []
-    for iid, wnid, _, boxes, _ in reversed(IMNET):
-        shutil.copyfile(os.path.join(src_root, "Data", "CLS-LOC", "val", wnid, iid + ".JPEG"),
-                        os.path.join(data, iid + ".JPEG"))
-        rows.append(f"{iid}," + " ".join(f"{wnid} {x0} {y0} {x1} {y1}" for x0, y0, x1, y1 in boxes) + " ")
-    with open(os.path.join(root, "LOC_val_solution.csv"), "w") as f:
-        f.write("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
-    if mapping is not None:
-        with open(os.path.join(root, "LOC_synset_mapping.txt"), "w") as f:
-            f.write("".join(f"{w} some name, other name\n" for w in mapping))
-    return root
+# The fixture trees (ImageNet's two layouts, VOC, CUB) are built by helpers.py: test_data_trust.py,
+# the runner's and the store's tests build the same ones.
 
 
 def _check_imagenet(ds):
@@ -246,27 +175,6 @@ def test_imagenet_missing_root_and_unknown_layout(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- VOC
-def _voc(root, unknown_class=False):
-    base = os.path.join(root, "VOC2012")
-    objects = {
-        "2012_000001": ((60, 40), [("cat", (1, 1, 30, 20)), ("cat", (31, 10, 60, 40), 1)]),
-        "2012_000002": ((50, 50), [("cat", (1, 1, 10, 10)), ("dog", (20, 20, 40, 40))]),
-        "2012_000003": ((40, 80), [("dog", (5, 10, 35, 70))]),
-        "2012_000004": ((40, 40), [("bird", (5, 5, 10, 10))]),  # not in val.txt
-        "2012_000005": ((40, 40), []),  # no object: not single-class
-    }
-    if unknown_class:
-        objects["2012_000006"] = ((40, 40), [("unicorn", (5, 5, 10, 10))])
-    for k, (iid, (size, objs)) in enumerate(objects.items()):
-        _write_image(os.path.join(base, "JPEGImages", iid + ".jpg"), size, seed=10 + k)
-        _voc_xml(os.path.join(base, "Annotations", iid + ".xml"), size, objs)
-    os.makedirs(os.path.join(base, "ImageSets", "Main"))
-    val = [i for i in objects if i != "2012_000004"]
-    with open(os.path.join(base, "ImageSets", "Main", "val.txt"), "w") as f:
-        f.write("\n".join(val) + "\n")
-    return root
-
-
 def test_voc_single_class_filter_and_boxes(tmp_path):
     ds = VOCSingleClass(_voc(str(tmp_path)), input_size=S)
     assert VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[-1] == "tvmonitor" and len(VOC_CLASSES) == 20
@@ -295,36 +203,6 @@ def test_voc_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CUB
-def _cub(root, bad_box=False, corrupt=False):
-    base = os.path.join(root, "CUB_200_2011")
-    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-    # id: (relative path, class id, is_train, (w, h), (x, y, width, height))
-    items = {
-        1: (f"{classes[0]}/a_1.jpg", 1, 1, (50, 50), (1.0, 2.0, 10.0, 10.0)),
-        2: (f"{classes[2]}/c_2.jpg", 3, 0, (60, 40), (10.0, 5.0, 30.0, 20.0)),
-        3: (f"{classes[1]}/b_3.jpg", 2, 0, (40, 40), (0.0, 0.0, 39.5, 40.0)),
-        10: (f"{classes[0]}/a_10.jpg", 1, 0, (30, 30), (2.0, 2.0, 4.0, 4.0)),
-    }
-    for k, (rel, _, _, size, _) in items.items():
-        path = os.path.join(base, "images", *rel.split("/"))
-        if corrupt and k == 10:
-            _write_corrupt(path)
-        else:
-            _write_image(path, size, seed=20 + k)
-
-    def table(name, rows):
-        with open(os.path.join(base, name), "w") as f:
-            f.write("".join(" ".join(str(v) for v in r) + "\n" for r in rows))
-
-    order = [10, 3, 1, 2]  # lists need not be sorted
-    table("images.txt", [(k, items[k][0]) for k in order])
-    table("image_class_labels.txt", [(k, items[k][1]) for k in order])
-    table("train_test_split.txt", [(k, items[k][2]) for k in order])
-    table("bounding_boxes.txt", [(k, *(("x1.0", 1, 1, 1) if bad_box and k == 3 else items[k][4])) for k in order])
-    table("classes.txt", [(i + 1, c) for i, c in enumerate(classes)])
-    return root
-
-
 def test_cub_test_split_labels_and_boxes(tmp_path):
     ds = CUBTest(_cub(str(tmp_path)), input_size=S)
     assert ds.classes[2] == "003.Sooty_Albatross"

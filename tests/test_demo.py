@@ -241,6 +241,7 @@ def test_demo_with_a_hugging_face_vit(tmp_path):
     assert all(0.0 <= scores["methods"]["agcam"][k] <= 1.0 for k in METRIC_NAMES)
 
 
+@pytest.mark.slow
 def test_demo_with_the_shipped_model(tmp_path):
     stream = io.StringIO()
     scores = run_demo(n=16, seed=2024, out=str(tmp_path), methods=["agcam"], batch_size=8, gallery_rows=2,

@@ -14,7 +14,7 @@ from captum_vit.data import ShapesDataset, collate
 from captum_vit.demo import run_demo
 from captum_vit.evaluation import StoreCorruptError, StoreMismatchError, StoreVersionError, evaluate, load_store
 from captum_vit.metrics import abpc, remove_top_patches, spearman
-from conftest import make_timm
+from helpers import make_timm
 
 LOC = ["pixel_accuracy", "iou", "dice", "precision", "recall"]
 KEYS = LOC + ["n_images", "n_images_abpc", "auc_lerf", "auc_morf", "abpc", "texture_collapse", "entropy",
@@ -250,7 +250,7 @@ def test_without_maps_the_store_holds_scores_only(tiny, tmp_path):
 
 def test_real_dataset_through_the_runner_counts_skips_and_workers_change_nothing(tiny, tmp_path):
     from captum_vit.data import DatasetFileError, ImageNetVal
-    from test_datasets import WNID_5, _imagenet_folders
+    from helpers import WNID_5, _imagenet_folders
 
     # three readable images of three classes, and a corrupt fourth
     root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
@@ -272,7 +272,7 @@ TORCHRUN_SCRIPT = """
 import json, sys
 import torch
 sys.path.insert(0, {tests!r})
-from conftest import make_timm
+from helpers import make_timm
 from captum_vit.data import ShapesDataset
 from captum_vit.evaluation import evaluate
 
@@ -304,6 +304,7 @@ def _run_script(tmp_path, name, dist, nproc, batch=3):
     return store, out
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_equals_one_process(tmp_path):
     """Under torchrun (gloo on CPU) each rank commits its batches and rank 0 merges: the same numbers."""
     import os
@@ -324,6 +325,7 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
                 np.testing.assert_array_equal(ra[c], rb[c], err_msg=f"{m}.{c}")
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_rank_dealt_no_batch(tmp_path):
     """10 images in one batch of 16: rank 1 has nothing to do, and the merge still equals one process."""
     store1, out1 = _run_script(tmp_path, "single", dist=False, nproc=1, batch=16)
@@ -339,7 +341,7 @@ def test_torchrun_with_a_rank_dealt_no_batch(tmp_path):
 KILL_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from conftest import make_timm
+from helpers import make_timm
 from captum_vit.data import ShapesDataset
 from captum_vit.evaluation import evaluate
 
@@ -353,6 +355,7 @@ evaluate(make_timm("plain"), ds, "agcam,rollout", batch_size=4, store={store!r},
 """
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_its_store(tiny, tmp_path):
     """SIGKILL after two flushed batches: the store opens cleanly and the rerun computes only the rest."""
     import os
@@ -384,6 +387,7 @@ def test_killed_process_resumes_from_its_store(tiny, tmp_path):
     close(resumed, evaluate(tiny, shapes64(12), "agcam,rollout", batch_size=4, progress=False))
 
 
+@pytest.mark.slow
 def test_committed_benchmark_results_come_from_this_code():
     """benchmarks/results/shapes_eval: its table is its store's summary, and its first batch recomputes equal."""
     import os

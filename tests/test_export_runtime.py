@@ -22,7 +22,7 @@ from PIL import Image
 
 from captum_vit import AGCAM
 from captum_vit.onnx import export_onnx
-from conftest import _perturb
+from helpers import _perturb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "export" / "agcam_ort.py"

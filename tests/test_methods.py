@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import reference_methods as ref
-from conftest import ARCHS, input_for, make
-from test_agcam import _close, _state
+from helpers import ARCHS, TINY, _close, _perturb, _state, input_for, make, raise_inside_block_1_mlp
 
 TARGETS = [1, 7, 4]
 # The reference LRP covers [class]-token pooling only, not the distilled two-head average.
@@ -338,19 +337,7 @@ def test_model_left_as_found(name, arch):
 def test_model_left_as_found_when_an_exception_escapes_mid_forward(name, arch):
     model = make(arch)
     x = input_for(arch, batch=2)
-    before = _state(model)
-    blocks = model.blocks if arch != "hf" else model.vit.layers
-
-    def boom(_m, _args):
-        raise RuntimeError("boom")
-
-    handle = blocks[1].mlp.fc1.register_forward_pre_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            CASES[name](model).attribute(x, target=[1, 2])
-    finally:
-        handle.remove()
-    assert _state(model) == before
+    before = raise_inside_block_1_mlp(model, [CASES[name]], x)
     # and the method still works afterwards
     CASES[name](model).attribute(x, target=[1, 2])
     assert _state(model) == before
@@ -388,8 +375,6 @@ def test_negative_target_is_the_predicted_class(name):
 def _pooled(pool):
     """Tiny timm ViTs whose head does not read a [class] token."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from conftest import TINY, _perturb
 
     torch.manual_seed(0)
     if pool == "avg":  # vit_medium_patch16_gap_256-style
@@ -485,8 +470,6 @@ def test_training_mode_without_dropout_equals_eval(name, arch):
 def _randomised(case):
     """Tiny models with one kind of active randomness."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from conftest import TINY, _perturb
 
     if case in ("plain", "hf"):  # every nn.Dropout at 0.1 (HF: hidden dropout), training mode
         return _train_copy(_model(case), dropout=0.1), case

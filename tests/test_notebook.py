@@ -3,7 +3,11 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+# Executing the notebook in a fresh kernel takes minutes: left out of the quick loop.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "docs", "tutorial.ipynb")
 

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from captum_vit import AGCAM, AttentionRollout, RawAttention
 from captum_vit.cli import main
 from captum_vit.onnx import export_onnx
-from conftest import input_for, make, make_timm
+from helpers import _perturb, input_for, make, make_timm
 
 ONE_TOKEN_ARCHS = ["plain", "qk_norm", "layerscale", "distilled", "registers", "dynamic", "convstem", "hf"]
 
@@ -51,6 +51,7 @@ def test_onnx_runtime_equals_eager_agcam(arch, tmp_path):
         assert _rel(cam, eager) <= 1e-4, f"{arch}: rel. diff {_rel(cam, eager)}"
 
 
+@pytest.mark.slow
 def test_shipped_model_parity_fp16_ranking_size_and_metadata(tmp_path):
     from captum_vit.data import ShapesDataset, collate
     from captum_vit.zoo import SHAPES_CLASSES, shapes_vit
@@ -132,7 +133,6 @@ def test_export_takes_the_input_size_the_model_was_built_for(tmp_path):
     import timm
 
     from captum_vit.models import data_config_for
-    from conftest import _perturb
 
     torch.manual_seed(0)
     # timm's pretrained config says 224; the model takes 160 only

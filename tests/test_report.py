@@ -15,7 +15,7 @@ from captum_vit.cli import main
 from captum_vit.data import ShapesDataset
 from captum_vit.evaluation import StoreCorruptError, StoreVersionError, evaluate, load_store
 from captum_vit.report import ReportError, build_report, select_pictures
-from conftest import make_timm
+from helpers import make_timm
 
 N_IMAGES = 40
 METHODS = ("agcam", "rollout")
@@ -93,6 +93,7 @@ class _Page:
         assert all(u == self.url or u.startswith("data:") for u in self.requests), self.requests
 
 
+@pytest.mark.slow
 def test_page_in_chromium_matches_the_store(report, browser):
     rows = report["rows"]
     first = rows[METHODS[0]]
@@ -193,6 +194,7 @@ def test_pictures_are_bounded_and_include_the_extremes(report, tmp_path):
     assert set(info["pictures"]) <= set(first["index"].tolist())
 
 
+@pytest.mark.slow
 def test_page_states_the_selection(report, browser, tmp_path):
     out = str(tmp_path / "small.html")
     info = build_report(report["dir"], out, per_score=1, sample=2)
@@ -209,6 +211,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_reports_what_it_holds(tmp_path, capsys, request):
     def stop(b, _):
         if b == 2:
@@ -323,7 +326,7 @@ HOSTILE_MODEL = " ".join(HOSTILE)
 @pytest.fixture(scope="module")
 def hostile_report(tmp_path_factory):
     from captum_vit.data import CUBTest
-    from test_datasets import _write_image
+    from helpers import _write_image
 
     tmp = tmp_path_factory.mktemp("hostile")
     root = os.path.join(str(tmp), *HOSTILE)  # "</script>..." makes nested folders: still one path
@@ -370,6 +373,7 @@ def test_hostile_strings_stay_data_in_the_html(hostile_report):
     assert "<" not in title and unescape(title) == parsed["meta"]["title"]
 
 
+@pytest.mark.slow
 def test_hostile_strings_show_as_text_in_chromium(hostile_report, browser):
     view = _Page(browser, hostile_report["path"])
     page = view.page

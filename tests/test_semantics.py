@@ -90,6 +90,7 @@ def specificity(trained):
     return class_specificity(agcam, cfg)
 
 
+@pytest.mark.slow
 def test_agcam_is_class_specific(specificity, record_property):
     r = specificity
     n = r["aa"].numel()
@@ -109,6 +110,7 @@ def test_agcam_is_class_specific(specificity, record_property):
     assert rate_b >= SPECIFICITY_MIN_RATE
 
 
+@pytest.mark.slow
 def test_agcam_multi_instance_report(trained, record_property):
     model, cfg, agcam = trained
     touched, n_boxes, n_inst = multi_instance_touch(model, agcam, cfg)
@@ -127,6 +129,7 @@ def test_agcam_multi_instance_report(trained, record_property):
 COMPARABLE_AREA_RATIO = 1.5
 
 
+@pytest.mark.slow
 def test_agcam_is_class_specific_on_comparable_areas(specificity, record_property):
     """The raw-mass rule, on the pairs where mass is not decided by area alone.
 
@@ -198,6 +201,7 @@ def cdam_pairs(trained):
     return {"on_a": torch.cat(on_a), "on_b": torch.cat(on_b), "scale": torch.cat(scale), "corr": torch.cat(corr)}
 
 
+@pytest.mark.slow
 def test_cdam_sign_is_evidence_for_the_class(cdam_pairs, record_property):
     r = cdam_pairs
     n = r["on_a"].numel()
@@ -217,6 +221,7 @@ def test_cdam_sign_is_evidence_for_the_class(cdam_pairs, record_property):
     assert both >= 0.75
 
 
+@pytest.mark.slow
 def test_cdam_concept_from_examples_matches_the_class_target(cdam_pairs, record_property):
     corr = cdam_pairs["corr"]
     mean, median = float(corr.mean()), float(corr.median())

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from captum_vit.data import CLASSES, ShapesDataset, collate, generate
@@ -28,6 +29,7 @@ def _hash_here(split, seed):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_deterministic_across_processes():
     a = _hash_in_subprocess("single", 3)
     b = _hash_in_subprocess("single", 3)

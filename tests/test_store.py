@@ -23,7 +23,7 @@ from captum_vit.evaluation import (
     evaluate,
     load_store,
 )
-from conftest import make_timm
+from helpers import make_timm
 
 METHODS = "agcam,raw"
 STRACE = shutil.which("strace")
@@ -242,7 +242,7 @@ def test_a_part_of_another_run_or_edited_is_refused(tiny, tmp_path):
 
 def test_a_run_whose_images_are_all_computed_or_skipped_is_complete(tmp_path):
     from captum_vit.data import ImageNetVal
-    from test_datasets import WNID_5, _imagenet_folders
+    from helpers import WNID_5, _imagenet_folders
 
     root = _imagenet_folders(str(tmp_path), extra=[("ILSVRC2012_val_00000004", WNID_5, "corrupt")])
     model = make_timm("plain")
@@ -353,7 +353,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from conftest import make_timm
+from helpers import make_timm
 from captum_vit.data import ShapesDataset
 from captum_vit.evaluation import evaluate
 

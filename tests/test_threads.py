@@ -7,8 +7,7 @@ import torch
 
 from captum_vit import AGCAM
 from captum_vit.attr import METHODS
-from conftest import input_for, make
-from test_agcam import _close, _state
+from helpers import _close, _state, input_for, make, make_timm
 
 THREADS, CALLS = 4, 8
 
@@ -30,7 +29,8 @@ def _method(name, model):
 
 
 CASES = [("agcam", arch) for arch in ("plain", "registers", "respost", "hf")] + [
-    (name, arch)
+    # 4 x 8 calls each on a 2-core machine: the other methods' cases are left out of the quick loop.
+    pytest.param(name, arch, marks=pytest.mark.slow)
     for name in ("agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
     for arch in ("plain", "respost", "hf")
     # LRP and CDAM need the block parts; the post-norm blocks run the patched fallback instead.
@@ -84,8 +84,6 @@ def test_threads_share_one_model(name, arch):
 
 
 def _plain_model(arch):
-    from conftest import make_timm
-
     # "respost": post-norm blocks, which run the patched fallback; "train": training mode with
     # every dropout and drop-path rate 0 (timm's default), so that outputs are deterministic;
     # "respost_train": both.

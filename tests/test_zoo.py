@@ -90,6 +90,7 @@ def test_checksum_mismatch_is_reported(tmp_path):
         shapes_vit(checkpoint=str(ckpt))
 
 
+@pytest.mark.slow
 def test_heldout_accuracy(loaded):
     model, _ = loaded
     n, bs, correct = 300, 50, 0
