@@ -118,9 +118,8 @@ def run_demo(  # noqa: PLR0913 - the Python face of `captum-vit demo`: one keywo
         ValueError: ``n`` or ``batch_size`` below 1, ``threshold`` outside [0, 1], ``seed`` a
             training seed, or a model in train mode.
     """
-    from captum_vit.data import CLASSES, ShapesDataset
+    from captum_vit.data import ShapesDataset
     from captum_vit.evaluation import evaluate
-    from captum_vit.metrics.localization import boxes_touch_instances
 
     t_start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout
@@ -135,28 +134,11 @@ def run_demo(  # noqa: PLR0913 - the Python face of `captum-vit demo`: one keywo
     classes = resolve_methods(methods)
     dataset = ShapesDataset("single", seed=int(seed), size=int(n), mean=mean_, std=std_)
 
-    touched: Dict[str, List[bool]] = {m: [] for m in classes}
-    rows: Dict[str, Any] = {"images": [], "gt": [], "titles": [], "maps": {m: [] for m in classes},
-                            "boxes": {m: [] for m in classes}}
-    first = next(iter(classes))
-
-    def observe(name: str, batch: Mapping[str, Any], maps: torch.Tensor, keep: List[int], boxes: list) -> None:
-        """The demo's extras from each method's localization: instances touched, gallery rows."""
-        inst = [batch["masks"][i] for i in keep]
-        touched[name] += [boxes_touch_instances(boxes[j], m) for j, m in enumerate(inst) if m.shape[0] >= 2]
-        take = max(0, int(gallery_rows) - len(rows["maps"][name]))
-        if name == first:
-            for i in keep[:take]:
-                rows["images"].append(batch["image_uint8"][i].numpy())
-                rows["gt"].append(batch["boxes"][i])
-                rows["titles"].append(f"#{int(batch['index'][i])} {CLASSES[int(batch['label'][i])]} "
-                                      f"x{batch['masks'][i].shape[0]}")
-        rows["maps"][name] += list(maps[:take])
-        rows["boxes"][name] += boxes[:take]
-
+    extras = _Extras(list(classes), int(gallery_rows))
     result = evaluate(model, dataset, classes, metrics=("localization",), batch_size=int(batch_size),
                       threshold=float(threshold), keep_maps=False, progress=progress, only_correct=bool(only_correct),
-                      observe=observe)
+                      observe=extras)
+    touched, rows, first = extras.touched, extras.rows, next(iter(classes))
     method_scores: Dict[str, Dict[str, Any]] = {}
     for name in classes:
         s = {k: result["methods"][name][k] for k in _LOCALIZATION}
@@ -180,6 +162,35 @@ def run_demo(  # noqa: PLR0913 - the Python face of `captum-vit demo`: one keywo
     }
     _write_files(scores, rows, out, gallery_rows, t_start, stream)
     return scores
+
+
+class _Extras:
+    """What the demo adds to each method's localization (the runner's ``observe``): the instances its
+    contour boxes touch on multi-instance images, and the gallery's rows."""
+
+    def __init__(self, methods: List[str], gallery_rows: int) -> None:
+        self.first, self.gallery_rows = methods[0], gallery_rows
+        self.touched: Dict[str, List[bool]] = {m: [] for m in methods}
+        self.rows: Dict[str, Any] = {"images": [], "gt": [], "titles": [], "maps": {m: [] for m in methods},
+                                     "boxes": {m: [] for m in methods}}
+
+    def __call__(self, name: str, batch: Mapping[str, Any], maps: torch.Tensor, keep: List[int],
+                 boxes: list) -> None:
+        from captum_vit.data import CLASSES
+        from captum_vit.metrics.localization import boxes_touch_instances
+
+        inst = [batch["masks"][i] for i in keep]
+        self.touched[name] += [boxes_touch_instances(boxes[j], m) for j, m in enumerate(inst) if m.shape[0] >= 2]
+        rows = self.rows
+        take = max(0, self.gallery_rows - len(rows["maps"][name]))
+        if name == self.first:
+            for i in keep[:take]:
+                rows["images"].append(batch["image_uint8"][i].numpy())
+                rows["gt"].append(batch["boxes"][i])
+                rows["titles"].append(f"#{int(batch['index'][i])} {CLASSES[int(batch['label'][i])]} "
+                                      f"x{batch['masks'][i].shape[0]}")
+        rows["maps"][name] += list(maps[:take])
+        rows["boxes"][name] += boxes[:take]
 
 
 def _write_files(scores: Dict[str, Any], rows: Mapping[str, Any], out: Optional[str], gallery_rows: int,

@@ -66,6 +66,24 @@ class _ExportGraph(nn.Module):
         return tuple(outputs)
 
 
+def _trace(graph: nn.Module, args: tuple, path: str, outputs: list, dynamic: dict, opset: int) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter is the one that traces a plain forward without onnxscript;
+        # its deprecation notice and the tracer's notes on shape arithmetic are expected here.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*dynamo=False.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*TorchScript-based ONNX export.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning,
+                                module=r"torch\.onnx")
+        torch.onnx.export(
+            graph, args, path, input_names=["image", "target"], output_names=outputs,
+            dynamic_axes=dynamic, opset_version=opset, dynamo=False,
+            # Folding would store a transposed copy of every linear weight next to the original
+            # (the forward reads W^T, the one-token backward W): twice the file for nothing.
+            do_constant_folding=False,
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str,
@@ -131,21 +149,7 @@ def export_onnx(
     target = torch.tensor([0, -1], device=ref.device)
     outputs = ["logits", "cam"] + (["cam_image"] if cam_image else [])
     dynamic = {name: {0: "batch"} for name in ["image", "target"] + outputs}
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript-based exporter is the one that traces a plain forward without onnxscript;
-        # its deprecation notice and the tracer's notes on shape arithmetic are expected here.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=r".*dynamo=False.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*TorchScript-based ONNX export.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning,
-                                module=r"torch\.onnx")
-        torch.onnx.export(
-            graph, (image, target), path, input_names=["image", "target"], output_names=outputs,
-            dynamic_axes=dynamic, opset_version=opset, dynamo=False,
-            # Folding would store a transposed copy of every linear weight next to the original
-            # (the forward reads W^T, the one-token backward W): twice the file for nothing.
-            do_constant_folding=False,
-        )
+    _trace(graph, (image, target), path, outputs, dynamic, opset)
     proto = onnx.load(path)
     gh, gw = adapter.grid_size(image)
     meta = {
