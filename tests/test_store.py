@@ -362,3 +362,23 @@ ds = ShapesDataset("single", seed=2024, size=6, image_size=64, mean=(0.5,) * 3, 
 evaluate(make_timm("plain"), ds, {methods!r}, batch_size=2, store={store!r}, progress=False)
 torch.distributed.destroy_process_group()
 """
+
+
+def test_read_maps_returns_the_stored_rows_and_refuses_an_unknown_index(tiny, reference, tmp_path):
+    store = str(tmp_path / "results.h5")
+
+    def stop(done, indices):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(EvaluationInterrupted):
+        run(tiny, store, on_batch=stop)
+    shutil.copy(reference, str(tmp_path / "full.h5"))
+    with load_store(store) as part, load_store(str(tmp_path / "full.h5")) as full:
+        rows = full.read("agcam")
+        for rs in (part, full):  # parts of an interrupted run, then the committed file
+            got = rs.read_maps("agcam", [3, 0, 2])
+            for c in ("map_pred", "map_label"):
+                np.testing.assert_array_equal(got[c], rows[c][[3, 0, 2]])
+        with pytest.raises(KeyError, match=r"no maps of images \[5\]"):
+            part.read_maps("agcam", [1, 5])

@@ -420,27 +420,31 @@ class ResultStore:
         return {c: v[order] if len(v) == len(order) else v for c, v in out.items()}
 
     def read_maps(self, method: str, indices: Iterable[int]) -> Dict[str, np.ndarray]:
-        """The map columns of the rows with these dataset indices (in the given order), read without the rest."""
-        want = np.asarray(list(indices), dtype=np.int64)
+        """The map columns of the rows with these dataset indices (in the given order), read without the rest.
+
+        Raises:
+            KeyError: an index the store does not hold for ``method``.
+        """
+        want = [int(i) for i in indices]
+        pos_base = {int(i): p for p, i in enumerate(self._base_index.get(method, _empty("index")))}
+        pos_new = {int(i): p for p, i in enumerate(np.concatenate(
+            [_empty("index")] + [np.asarray(v, np.int64) for v in self._new[method]["index"]]))}
+        missing = [i for i in want if i not in pos_base and i not in pos_new]
+        if missing:
+            raise KeyError(f"{self._where()} holds no maps of images {missing[:5]} for method {method!r}")
+        in_base = sorted(((k, pos_base[i]) for k, i in enumerate(want) if i in pos_base), key=lambda t: t[1])
         out = {}
-        base = self._base_index.get(method, _empty("index"))
-        new_idx = np.concatenate([_empty("index")] + [np.asarray(v, np.int64) for v in self._new[method]["index"]])
         for c in self.maps:
-            new_maps = self._new[method][c]
-            grid = self.grid or (0, 0)
-            rows = np.zeros((len(want),) + tuple(grid), np.float16)
-            pos_base = {int(i): p for p, i in enumerate(base)}
-            in_base = [(k, pos_base[int(i)]) for k, i in enumerate(want) if int(i) in pos_base]
+            rows = np.zeros((len(want),) + tuple(self.grid or (0, 0)), np.float16)
             if in_base:
                 assert self._h5 is not None  # rows in the committed store: it is open
-                ks, ps = zip(*sorted(in_base, key=lambda t: t[1]))
+                ks, ps = zip(*in_base)
                 rows[list(ks)] = self._h5[method][c][list(ps)]  # h5py reads increasing positions
-            if len(new_idx):
-                stacked = np.concatenate(new_maps)
-                pos_new = {int(i): p for p, i in enumerate(new_idx)}
+            if pos_new:
+                stacked = np.concatenate(self._new[method][c])
                 for k, i in enumerate(want):
-                    if int(i) in pos_new:
-                        rows[k] = stacked[pos_new[int(i)]]
+                    if i in pos_new:
+                        rows[k] = stacked[pos_new[i]]
             out[c] = rows
         return out
 
