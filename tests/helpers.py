@@ -5,6 +5,7 @@ tests/reference.py and tests/reference_methods.py stay apart: they are the indep
 Subprocess scripts embedded in tests import this module too, after putting tests/ on sys.path.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -280,3 +281,15 @@ def _cub(root, bad_box=False, corrupt=False):
     table("bounding_boxes.txt", [(k, *(("x1.0", 1, 1, 1) if bad_box and k == 3 else items[k][4])) for k in order])
     table("classes.txt", [(i + 1, c) for i, c in enumerate(classes)])
     return root
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside the block, restored after: runs compared bit for bit, and
+    threads that each stand for a caller, use one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

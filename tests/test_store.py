@@ -1,6 +1,5 @@
 """The result store under attack: kills at system calls, a full disk, edited files, a second writer, torchrun."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from captum_vit.evaluation import (
     evaluate,
     load_store,
 )
-from helpers import make_timm
+from helpers import make_timm, one_thread
 
 METHODS = "agcam,raw"
 STRACE = shutil.which("strace")
@@ -36,17 +35,6 @@ def tiny():
 
 def shapes(n=6):
     return ShapesDataset("single", seed=2024, size=n, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Runs that are compared bit for bit use one thread, as the killed child does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(model, store, n=6, **kw):
@@ -353,7 +341,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from helpers import make_timm
+from helpers import make_timm, one_thread
 from captum_vit.data import ShapesDataset
 from captum_vit.evaluation import evaluate
 

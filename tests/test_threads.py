@@ -7,7 +7,7 @@ import torch
 
 from captum_vit import AGCAM
 from captum_vit.attr import METHODS
-from helpers import _close, _state, input_for, make, make_timm
+from helpers import _close, _state, input_for, make, make_timm, one_thread
 
 THREADS, CALLS = 4, 8
 
@@ -65,15 +65,11 @@ def test_threads_share_one_model(name, arch):
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
     # One intra-op thread per caller, as a threaded server would run: four callers each
     # spinning up an OpenMP pool on a 2-core machine only makes the test slow and its time erratic.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-    finally:
-        torch.set_num_threads(n_threads)
     assert not errors, errors
     for got, want in zip(results, expected):
         _close(got, want)
@@ -98,9 +94,7 @@ def test_explanations_never_change_what_plain_callers_see(arch):
     before = _state(model)
     methods = [AGCAM(model, engine="generic"), METHODS["rollout"](model), METHODS["gae"](model)]
     xs = [input_for("plain", batch=2, seed=200 + i) for i in range(4)]
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference under the same intra-op setting as the threads
-    try:
+    with one_thread():  # the reference under the same intra-op setting as the threads
         with torch.no_grad():
             plain_want = [model(x).clone() for x in xs]
         maps_want = [[m.attribute(x, target=[1, 2]) for x in xs] for m in methods]
@@ -136,8 +130,6 @@ def test_explanations_never_change_what_plain_callers_see(arch):
         done.set()
         for th in explainers:
             th.join()
-    finally:
-        torch.set_num_threads(n_threads)
     assert not errors, errors
     assert len(plain_got) == 48 and maps_got
     wrong = [i for i, out in plain_got if not torch.equal(out, plain_want[i])]
