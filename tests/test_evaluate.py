@@ -281,6 +281,7 @@ if {dist}:
 ds = ShapesDataset("single", seed=2024, size=10, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
 r = evaluate(make_timm("plain"), ds, "agcam,rollout,lrp", batch_size={batch}, store={store!r}, progress=False)
 if {dist}:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 json.dump({{"rank": r["world_size"], "methods": r["methods"], "n": r["n_images"], "computed": r["n_computed"]}},
           open({out!r} + str(__import__("os").environ.get("RANK", "0")), "w"))

@@ -378,6 +378,9 @@ def evaluate(  # noqa: PLR0913 - model, data, methods, options; the rest are key
         box = [result]  # one process writes and reads the merged store; the others get its summary
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
+        # gloo sends are asynchronous: a rank that left (and destroyed its process group) while
+        # another still had the broadcast in flight aborted that other process
+        torch.distributed.barrier()
     assert result is not None  # rank 0 merged, and every other rank received its result
     runtime = time.perf_counter() - t_start
     result.update(metrics=list(opts.metrics), threshold=float(opts.threshold), dataset=fp["dataset"],
