@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -14,7 +16,43 @@ from torch import Tensor, nn
 
 from captum_vit.vit import Record, Request, ViTAdapter, adapt
 
-__all__ = ["ViTLayerAttribution", "TargetType", "resolve_targets", "fuse"]
+__all__ = ["ViTLayerAttribution", "TargetType", "resolve_targets", "fuse", "alternatives", "QUERIES"]
+
+#: The query rows a method on the attention's rows reads: the [class] token's (the published
+#: definitions), or the rows weighted as the model's head pools the tokens.
+QUERIES = ("class", "pooled")
+
+_LISTING = threading.local()
+
+
+def alternatives(adapter: ViTAdapter, exclude: object = None) -> str:
+    """A sentence naming the registered methods that do work on ``adapter``'s model (and how).
+
+    Every method's constructor checks the model's structure without computing anything, so the
+    list is what would be accepted. Refusals raised while the list is made do not list again.
+    """
+    if getattr(_LISTING, "active", False):
+        return ""
+    from captum_vit.attr import METHODS
+
+    _LISTING.active = True
+    works = []
+    try:
+        for name, cls in METHODS.items():
+            if cls is exclude or name == exclude:
+                continue
+            for kwargs in ({}, {"query": "pooled"}):
+                try:
+                    cls(adapter, **kwargs)
+                except (ValueError, TypeError):
+                    continue
+                works.append(f"{cls.get_name()} ('{name}'" + (", query='pooled')" if kwargs else ")"))  # type: ignore[attr-defined]
+                break
+    finally:
+        _LISTING.active = False
+    if not works:
+        return "No method of captum-vit is defined for this model."
+    return "On this model these work: " + ", ".join(works) + "."
 
 TargetType = Union[None, int, Tuple[int, ...], Tensor, List, np.ndarray, np.integer]
 
@@ -157,20 +195,41 @@ class ViTLayerAttribution(LayerAttribution):
             self.layer_indices = sorted(set(idx))
         LayerAttribution.__init__(self, self.model, [self.adapter.attentions[i] for i in self.layer_indices])
 
-    def _require_class_row(self) -> None:
-        """Refuse, at construction, a model whose head does not read a [class] token.
+    def _require_query(self, query: str) -> str:
+        """Check, at construction, that the query rows ``query`` names are defined for this model.
 
-        For the methods defined on the [class]-query row of the attention: on a pooled head
-        that row is a patch's (or not what the model classifies) and the map would look like
-        a result without being one.
+        For the methods defined on query rows of the attention: ``"class"`` (the [class] token's
+        row, the published definitions) needs a head that reads the [class] token alone, since on a
+        pooled head row 0 is a patch's (or not what the model classifies) and the map would look
+        like a result without being one; ``"pooled"`` (the rows weighted as the head pools the
+        tokens, :meth:`~captum_vit.vit.HeadParts.query_weights`) needs a pooling whose weights are
+        known. Returns ``query``.
         """
-        ok, why = self.adapter.class_row_support()
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
+        ok, why = (self.adapter.class_row_support() if query == "class" else self.adapter.pooled_query_support())
         if not ok:
+            hint = (" Pass query='pooled' to read the query rows as the head pools them."
+                    if query == "class" and self.adapter.pooled_query_support()[0]
+                    and "query" in inspect.signature(type(self).__init__).parameters else "")
             raise ValueError(
-                f"{self.get_name()} is not defined for this model: {why}. On this model use CDAM "
-                "(captum_vit.CDAM, method 'cdam'), which differentiates with respect to the tokens and needs no "
-                "[class] token; or explain a ViT with class_token=True and global_pool='token'."
+                f"{self.get_name()} with query={query!r} is not defined for this model: {why}.{hint} "
+                f"{alternatives(self.adapter, exclude=type(self))}"
             )
+        return query
+
+    def _weighted_rows(self, record: Record, rows: Tensor) -> Tensor:
+        """``rows[..., i, j]`` read at the query rows of ``self.query`` over the patch keys: ``[..., gh*gw]``.
+
+        ``"class"``: row 0; ``"pooled"``: ``sum_i w_i rows[..., i, :]`` with the head's weights ``w``.
+        """
+        p = self.adapter.num_prefix_tokens
+        if self.query == "class":
+            return rows[..., 0, p:]
+        w = record.query_weights
+        assert w is not None  # a pooled query asks for the weights
+        w = w.to(rows.dtype)
+        return torch.einsum("bi,b...ij->b...j", w, rows)[..., p:]
 
     # ----------------------------------------------------------------- what a method implements
     def _request(self) -> Request:

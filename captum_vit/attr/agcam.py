@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from captum.attr._utils.attribution import GradientAttribution
@@ -27,7 +27,21 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
     model uses, ``y_c`` the target logit, ``j`` runs over patch keys, and the gradient is taken
     with every attention block's input detached (the paper's gradient along skip connections).
     Heads and layers are fused by ``head_fusion`` / ``layer_fusion`` (sum by default).
-    Nothing is normalised.
+    Nothing is normalised. ``S`` is the softmax's input, so a relative-position bias (BEiT,
+    ``vit_relpos_*``) is part of it, and rotary embeddings (EVA) are in the queries and keys.
+
+    **Pooled heads.** The paper reads the [class] token's query row (``query="class"``), which
+    a model whose head pools the tokens (average pooling, MAP attention pooling) does not
+    classify; such a model is refused unless ``query="pooled"`` is passed explicitly. Then every
+    query row ``i`` counts, weighted as the head pools the tokens (``w_i``: uniform over the
+    patches for average pooling, the pooling attention's weights for a MAP head, half [class]
+    and half patch mean for DINOv2's head):
+
+    .. math::
+        M_j = \sum_k \sum_h \sum_i w_i \, \sigma(S_{k,h}[i, j])
+            \cdot \mathrm{relu}(\partial y_c / \partial A_{k,h}[i, j])
+
+    On a [class]-token model ``query="pooled"`` is ``w = e_0``, the paper's map.
 
     Two engines compute the same numbers:
 
@@ -51,6 +65,8 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
         layers (sequence of int, optional): block indices to include (negative allowed);
             default all.
         engine (str): ``"auto"``, ``"one_token"`` or ``"generic"``.
+        query (str): ``"class"`` (paper) or ``"pooled"`` (the query rows weighted as the head
+            pools them; the generic engine, since every row then carries gradient).
 
     Examples::
 
@@ -71,6 +87,7 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
         detach: bool = True,
         layers: Optional[Sequence[int]] = None,
         engine: str = "auto",
+        query: str = "class",
     ) -> None:
         super().__init__(model, layers)
         GradientAttribution.__init__(self, self.model)
@@ -78,11 +95,13 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
         self.layer_fusion = check_fusion("layer_fusion", layer_fusion, ("sum", "mean", "max"))
         if engine not in _ENGINES:
             raise ValueError(f"engine must be one of {_ENGINES}, got {engine!r}")
-        self._require_class_row()
+        self.query = self._require_query(query)
         self.detach = bool(detach)
         self.engine = engine
         ok, why = self.adapter.one_token_support()
         self._one_token_blocker = "" if ok else why
+        if self.query == "pooled":
+            self._one_token_blocker = "query='pooled' reads every query row, and it the [class] row only"
         if not self.detach:
             self._one_token_blocker = "it relies on detached attention inputs (detach=True)"
         if engine == "one_token" and self._one_token_blocker:
@@ -110,27 +129,37 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
     def _request(self) -> Request:
         if self.resolved_engine() == "one_token":
             return Request(detach=True, values=True, scores_cls=True, cls_tokens=True)
+        if self.query == "pooled":
+            return Request(detach=self.detach, attention="grad", scores_all=True, query_weights=True)
         return Request(detach=self.detach, attention="grad", scores_cls=True)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
-        if record.attention:  # generic engine: autograd through the recorded attention maps
-            y = logits.gather(1, targets[:, None]).sum()
-            wanted = [record.attention[k] for k in self.layer_indices]
-            grads = torch.autograd.grad(y, wanted, allow_unused=True)
-            grads_cls = {
-                k: (g[:, :, 0] if g is not None else torch.zeros_like(record.scores_cls[k]))
-                for k, g in zip(self.layer_indices, grads)
-            }
-        else:
-            grads_cls = self.adapter.class_row_grads(record, targets, first_layer=self.layer_indices[0])
-        return self._combine(record.scores_cls, grads_cls)
+        if not record.attention:  # one-token engine: explicit VJPs on the [class] row
+            grads = self.adapter.class_row_grads(record, targets, first_layer=self.layer_indices[0])
+            return self._combine(record, self._class_rows(record.scores_cls), self._class_rows(grads))
+        # generic engine: autograd through the recorded attention maps
+        y = logits.gather(1, targets[:, None]).sum()
+        wanted = [record.attention[k] for k in self.layer_indices]
+        grads = dict(zip(self.layer_indices, torch.autograd.grad(y, wanted, allow_unused=True)))
+        grads = {k: g if g is not None else torch.zeros_like(record.attention[k]) for k, g in grads.items()}
+        if self.query == "pooled":
+            return self._combine(record, dict(enumerate(record.scores)), grads)
+        return self._combine(record, self._class_rows(record.scores_cls), {k: g[:, :, :1] for k, g in grads.items()})
 
     # ------------------------------------------------------------------ formula
-    def _combine(self, scores_cls: Sequence[Tensor], grads_cls: Dict[int, Tensor]) -> Tensor:
-        """``fuse_k fuse_h sigmoid(S[k,h][0, j]) * relu(G[k,h][0, j])`` over patch keys ``j``."""
-        p = self.adapter.num_prefix_tokens
+    def _combine(self, record: Record, scores: Mapping[int, Tensor], grads: Mapping[int, Tensor]) -> Tensor:
+        """``fuse_k fuse_h sum_i w_i sigmoid(S[k,h][i, j]) * relu(G[k,h][i, j])`` over patch keys ``j``.
+
+        ``scores[k]``, ``grads[k]``: ``[B, H, rows, N]``, the [class] row alone (``w = e_0``) or all.
+        """
         per_layer = [
-            fuse(torch.sigmoid(scores_cls[k][..., p:]) * torch.relu(grads_cls[k][..., p:]), self.head_fusion, 1)
+            fuse(self._weighted_rows(record, torch.sigmoid(scores[k]) * torch.relu(grads[k])), self.head_fusion, 1)
             for k in self.layer_indices
         ]
         return fuse(torch.stack(per_layer, 0), self.layer_fusion, 0)
+
+    @staticmethod
+    def _class_rows(rows: Union[Sequence[Tensor], Dict[int, Tensor]]) -> Dict[int, Tensor]:
+        """``[B, H, N]`` [class]-row tensors as ``[B, H, 1, N]``, by block (``None`` placeholders dropped)."""
+        items = rows.items() if isinstance(rows, dict) else enumerate(rows)
+        return {k: r.unsqueeze(2) for k, r in items if r is not None}

@@ -146,16 +146,16 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
             spread = x.flatten(1).amax(1) - x.flatten(1).amin(1)
             std = (self.noise_level * spread).view(-1, 1, 1)
             tails = [x + std * noise[s] for s in range(self.n_samples)]
-        maps = [self._cdam(tail, targets, concept, target_fn) for tail in tails]
+        maps = [self._cdam(tail, targets, concept, target_fn, record.context) for tail in tails]
         return torch.stack(maps).mean(0)
 
-    def _cdam(self, block_input: Tensor, targets: Tensor, concept, target_fn) -> Tensor:
+    def _cdam(self, block_input: Tensor, targets: Tensor, concept, target_fn, context=None) -> Tensor:
         """``sum_j T_ij dy/dT_ij`` over patch tokens, re-running the last block from ``block_input``."""
         last = self.adapter.num_layers - 1
         by_embedding = concept is not None or target_fn is not None
         with torch.enable_grad():
             request = Request(grad_attention_inputs=(last,), features=by_embedding)
-            rec = self.adapter.forward_tail(block_input, last, request)
+            rec = self.adapter.forward_tail(block_input, last, request, context=context)
             features, logits = rec.features, rec.logits
             if by_embedding and features is None:
                 raise ValueError("this model's head does not read a [class] embedding: use a class target instead")

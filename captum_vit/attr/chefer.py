@@ -8,8 +8,8 @@ import torch
 from captum.attr._utils.attribution import GradientAttribution
 from torch import Tensor, nn
 
-from captum_vit.attr._base import ViTLayerAttribution, identity_like
-from captum_vit.vit import Record, Request, ViTAdapter
+from captum_vit.attr._base import ViTLayerAttribution, alternatives, identity_like
+from captum_vit.vit import Mlp, Record, Request, ViTAdapter
 from captum_vit.vit.vjp import layer_scale
 
 __all__ = ["TransformerAttribution", "GradientAttentionRollout"]
@@ -32,20 +32,22 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
 
     read at the [class] row over the patch keys; no row normalisation. ``\nabla A_b`` is the
     ordinary gradient of the target logit (nothing detached). A model whose head does not
-    read a [class] token (average or attention pooling) is refused at construction.
+    read a [class] token alone (average or attention pooling) needs ``query="pooled"``: the
+    query rows weighted as the head pools the tokens (see :class:`~captum_vit.AGCAM`).
 
     Args:
         model (nn.Module): a supported ViT (see :class:`~captum_vit.AGCAM`).
         layers (sequence of int, optional): blocks to include (default all).
+        query (str): ``"class"`` or ``"pooled"``.
 
     Examples::
 
         >>> maps = GradientAttentionRollout(model).attribute(x, target=[3, 7])
     """
 
-    def __init__(self, model: Union[nn.Module, ViTAdapter], layers=None) -> None:
+    def __init__(self, model: Union[nn.Module, ViTAdapter], layers=None, query: str = "class") -> None:
         super().__init__(model, layers)
-        self._require_class_row()
+        self.query = self._require_query(query)
         GradientAttribution.__init__(self, self.model)
 
     @classmethod
@@ -53,7 +55,8 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
         return "Gradient Attention Rollout"
 
     def _request(self) -> Request:
-        return Request(detach=False, attention="grad", attention_layers=tuple(self.layer_indices))
+        return Request(detach=False, attention="grad", attention_layers=tuple(self.layer_indices),
+                       query_weights=self.query == "pooled")
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         grads = _attention_grads(record, logits, targets, self.layer_indices)
@@ -64,7 +67,7 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
             relevance = identity_like(cam) if relevance is None else relevance
             relevance = relevance + cam @ relevance
         assert relevance is not None  # layer_indices is never empty
-        return relevance[:, 0, self.adapter.num_prefix_tokens :].detach()
+        return self._weighted_rows(record, relevance).detach()
 
 
 # --------------------------------------------------------------------------- LRP rules
@@ -155,7 +158,7 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         final_norm_eps: Optional[float] = 1e-5,
     ) -> None:
         super().__init__(model)
-        self._require_class_row()
+        self.query = self._require_query("class")
         GradientAttribution.__init__(self, self.model)
         a = self.adapter
         n = a.num_layers
@@ -163,6 +166,13 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
             raise ValueError(f"start_layer must be an int in 0..{n - 1}, got {start_layer!r}")
         if a.parts is None:
             raise ValueError(f"TransformerAttribution needs a rule per operation, and {a.parts_missing}")
+        for i, blk in enumerate(a.parts):
+            why = blk.attn.position_aware or ("a gated MLP" if not isinstance(blk.mlp, Mlp) else "")
+            if why:
+                raise ValueError(
+                    f"TransformerAttribution's rules are published for the plain ViT block, and block {i} has {why}, "
+                    f"for which no rule is defined. {alternatives(a, exclude='lrp')}"
+                )
         if len(a.head.tokens) != 1 or a.head.tokens[0][0] != 0 or a.post:
             raise ValueError(
                 "TransformerAttribution is defined for a single linear head on the [class] token whose output is "
@@ -202,30 +212,33 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         # recorded: the request asks for features and activations, and the constructor checked the parts exist
         assert features is not None and a.parts is not None
         relevance_cls = lrp_linear(features, head.weight, one_hot)  # fc_norm and the final norm pass it on
-        normed = record.head_activations["normed"]
+        assert record.head_trace is not None  # the request asks for activations
+        normed = record.head_trace.normed
         pooled = normed[:, 0]
         relevance = torch.zeros_like(normed)
         relevance[:, 0] = pooled * safe_divide(relevance_cls, pooled)
         attention_relevance = {}
         for k in range(a.num_layers - 1, self.start_layer - 1, -1):
-            b, act = a.parts[k], record.activations[k]
-            B, N, _ = act["x"].shape
+            b, t = a.parts[k], record.traces[k]
+            mlp = cast(Mlp, b.mlp)  # the constructor refused gated MLPs
+            B, N, _ = t.x.shape
             H, d = b.attn.num_heads, b.attn.head_dim
-            # x' = u + ls2 * fc2(act(fc1(norm2(u))))
-            r_u, r_mlp = lrp_add(act["u"], layer_scale(b.ls2, act["mlp_out"]), relevance)
-            r_hidden = lrp_linear(act["act"] if b.mlp_norm is None else b.mlp_norm(act["act"]), b.fc2.weight, r_mlp)
-            r_n2 = lrp_linear(act["n2"], b.fc1.weight, r_hidden)
-            relevance = lrp_fork(act["u"], r_u, r_n2)
+            # x' = u + ls2 * fc2(norm(act(fc1(norm2(u)))))
+            r_u, r_mlp = lrp_add(t.u, layer_scale(b.ls2, t.mlp.out), relevance)
+            hidden = t.mlp.act if mlp.norm is None else mlp.norm(t.mlp.act)
+            r_hidden = lrp_linear(hidden, mlp.fc2.weight, r_mlp)
+            r_n2 = lrp_linear(t.n2, mlp.fc1.weight, r_hidden)
+            relevance = lrp_fork(t.u, r_u, r_n2)
             # u = x + ls1 * proj(A v)
-            r_x, r_attn = lrp_add(act["x"], layer_scale(b.ls1, act["attn_out"]), relevance)
-            r_o = lrp_linear(act["o"], b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
+            r_x, r_attn = lrp_add(t.x, layer_scale(b.ls1, t.attn_out), relevance)
+            r_o = lrp_linear(t.o, b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
             attn = record.attention[k]
-            r_a, r_v = lrp_matmul(attn, act["v"], r_o)
+            r_a, r_v = lrp_matmul(attn, t.v, r_o)
             attention_relevance[k] = r_a
-            r_q, r_k = lrp_matmul(act["q"], act["k"].transpose(-2, -1), r_a)  # softmax passes relevance on
+            r_q, r_k = lrp_matmul(t.q, t.k.transpose(-2, -1), r_a)  # softmax passes relevance on
             r_k = r_k.transpose(-2, -1)
-            r_n1 = self._qkv_relevance(b, act["n1"], r_q, r_k, r_v)
-            relevance = lrp_fork(act["x"], r_x, r_n1)
+            r_n1 = self._qkv_relevance(b, t.n1, r_q, r_k, r_v)
+            relevance = lrp_fork(t.x, r_x, r_n1)
         return attention_relevance
 
     @staticmethod

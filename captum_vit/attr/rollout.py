@@ -21,8 +21,10 @@ class AttentionRollout(ViTLayerAttribution):
     .. math::
         a_k = \mathrm{rownorm}\big((\bar A_k + I) / 2\big), \qquad R = a_L \cdots a_1,
 
-    read at the [class] row over the patch keys (a model whose head does not read a [class]
-    token is refused at construction). **Class-agnostic**: ``target`` is accepted
+    read at the [class] row over the patch keys (``query="class"``; a model whose head does not
+    read a [class] token alone is refused), or, with ``query="pooled"``, at the query rows
+    weighted as the head pools the tokens (:class:`~captum_vit.AGCAM` describes the weights).
+    **Class-agnostic**: ``target`` is accepted
     (for a uniform interface) and ignored. The defaults are the AGCAM paper's configuration
     (mean over heads, nothing discarded); ``head_fusion="max"`` with ``discard_ratio=0.9`` is
     vit-explain's own default.
@@ -33,6 +35,7 @@ class AttentionRollout(ViTLayerAttribution):
         discard_ratio (float): per image and block, the fraction of the smallest fused
             attention entries set to zero before mixing (the [class]-to-[class] entry is kept).
         layers (sequence of int, optional): blocks to roll out (default all).
+        query (str): ``"class"`` or ``"pooled"``.
 
     Examples::
 
@@ -46,9 +49,10 @@ class AttentionRollout(ViTLayerAttribution):
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         layers: Optional[Sequence[int]] = None,
+        query: str = "class",
     ) -> None:
         super().__init__(model, layers)
-        self._require_class_row()
+        self.query = self._require_query(query)
         self.head_fusion = check_fusion("head_fusion", head_fusion, ("mean", "max", "min"))
         if not 0.0 <= float(discard_ratio) < 1.0:
             raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
@@ -59,7 +63,8 @@ class AttentionRollout(ViTLayerAttribution):
         return "Attention Rollout"
 
     def _request(self) -> Request:
-        return Request(attention="keep", attention_layers=tuple(self.layer_indices), attention_heads=self.head_fusion)
+        return Request(attention="keep", attention_layers=tuple(self.layer_indices), attention_heads=self.head_fusion,
+                       query_weights=self.query == "pooled")
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
         rollout: Optional[Tensor] = None
@@ -70,7 +75,7 @@ class AttentionRollout(ViTLayerAttribution):
             a = a / a.sum(-1, keepdim=True)
             rollout = a if rollout is None else a @ rollout
         assert rollout is not None  # layer_indices is never empty
-        return rollout[:, 0, self.adapter.num_prefix_tokens :]
+        return self._weighted_rows(record, rollout)
 
     def _discard(self, fused: Tensor) -> Tensor:
         if not self.discard_ratio:

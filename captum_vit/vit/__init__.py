@@ -22,20 +22,36 @@ from torch import nn
 from captum_vit.vit.base import (
     AttentionParts,
     BlockParts,
+    BlockTrace,
+    ForwardContext,
+    GluMlp,
     HeadParts,
+    HeadTrace,
+    Mlp,
+    MlpParts,
     Record,
     Request,
     UnsupportedModelError,
     ViTAdapter,
 )
-from captum_vit.vit.hf import HFViTAdapter, is_hf_vit
-from captum_vit.vit.timm import TimmViTAdapter, is_timm_vit
+
+# Each adapter module registers its class on import; the registry asks them in this order.
+from captum_vit.vit.timm import TimmViTAdapter  # isort: skip
+from captum_vit.vit.hf import HFViTAdapter  # isort: skip
+from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
+    "ADAPTERS",
     "AttentionParts",
     "BlockParts",
+    "BlockTrace",
+    "ForwardContext",
+    "GluMlp",
     "HeadParts",
+    "HeadTrace",
     "HFViTAdapter",
+    "Mlp",
+    "MlpParts",
     "Record",
     "Request",
     "TimmViTAdapter",
@@ -66,16 +82,11 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def _bare(model: nn.Module) -> Optional[ViTAdapter]:
-    model = _uncompiled(model)
-    if is_timm_vit(model):
-        return TimmViTAdapter(model)
-    if is_hf_vit(model):
-        return HFViTAdapter(model)
-    return None
+    return find_adapter(_uncompiled(model))
 
 
 def _inner_vits(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if name and (is_timm_vit(m) or is_hf_vit(m))]
+    return [(name, m) for name, m in model.named_modules() if name and matching_adapter(m) is not None]
 
 
 def adapt(model: Union[nn.Module, ViTAdapter]) -> ViTAdapter:

@@ -28,12 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_norm_vjp, layer_scale, linear_vjp
+from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_scale, linear_vjp, norm_kind, norm_vjp
 
 __all__ = [
     "AttentionParts",
     "BlockParts",
+    "BlockTrace",
+    "ForwardContext",
+    "GluMlp",
     "HeadParts",
+    "HeadTrace",
+    "Mlp",
+    "MlpParts",
+    "MlpTrace",
+    "POOLED_QUERIES",
     "Record",
     "Request",
     "UnsupportedModelError",
@@ -46,9 +54,30 @@ class UnsupportedModelError(TypeError):
 
 
 # --------------------------------------------------------------------------- parts
+@dataclass
+class ForwardContext:
+    """What one forward pass computes once and every block reads: the patch grid and position terms.
+
+    ``rope`` holds whatever the adapter's rotary transform reads (timm's sin/cos table for the
+    grid, or a per-block list), ``shared_bias`` a relative-position bias shared by the blocks.
+    Made fresh for every call (:meth:`ViTAdapter.context`), never stored on a module.
+    """
+
+    grid: Tuple[int, int]
+    rope: Any = None
+    shared_bias: Optional[Tensor] = None
+
+
 @dataclass(frozen=True)
 class AttentionParts:
-    """Multi-head self-attention by its parts; exactly one of ``qkv`` or ``q``/``k``/``v`` is set."""
+    """Multi-head self-attention by its parts; exactly one of ``qkv`` or ``q``/``k``/``v`` is set.
+
+    The extension points of position-aware attention are forward-only, so every engine keeps them:
+    ``qk_transform(q, k, context, index)`` returns the queries and keys the scores are made of
+    (rotary embeddings), and ``score_bias(context, index)`` an additive bias broadcastable to
+    ``[B, H, N, N]`` (a relative-position bias), added to the scaled scores before the softmax
+    and passed to the fused kernel as its float mask. ``index`` is the block's.
+    """
 
     num_heads: int
     head_dim: int
@@ -62,20 +91,46 @@ class AttentionParts:
     k_norm: Optional[nn.Module] = None
     #: normalisation of the concatenated head outputs before ``proj`` (timm ``scale_norm``).
     out_norm: Optional[nn.Module] = None
+    #: the bias of a fused ``qkv`` kept outside the linear layer (BEiT and EVA's q/v biases), read per call.
+    qkv_bias: Optional[Callable[[], Optional[Tensor]]] = None
+    qk_transform: Optional[Callable[[Tensor, Tensor, ForwardContext, int], Tuple[Tensor, Tensor]]] = None
+    score_bias: Optional[Callable[[ForwardContext, int], Optional[Tensor]]] = None
 
-    def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``q, k, v`` as ``[B, H, N, d]`` (q/k norms applied)."""
+    def project(
+        self, x: Tensor, context: Optional[ForwardContext] = None, index: int = 0
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``q, k, v`` as ``[B, H, N, d]`` (q/k norms and the q/k transform applied)."""
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
         if self.qkv is not None:
-            q, k, v = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = self.qkv_bias() if self.qkv_bias is not None else self.qkv.bias
+            qkv = F.linear(x, self.qkv.weight, bias)
+            q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             assert self.q is not None and self.k is not None and self.v is not None  # no qkv: separate q, k, v
             q, k, v = (lin(x).reshape(B, N, H, d).transpose(1, 2) for lin in (self.q, self.k, self.v))
         if self.q_norm is not None:
             assert self.k_norm is not None  # q and k are normalised together
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_transform is not None:
+            assert context is not None  # a position transform needs the call's context
+            q, k = self.qk_transform(q, k, context, index)
+            q, k = q.to(v.dtype), k.to(v.dtype)
         return q, k, v
+
+    def bias(self, context: Optional[ForwardContext], index: int = 0) -> Optional[Tensor]:
+        """The additive score bias of this call (``None`` without one)."""
+        if self.score_bias is None:
+            return None
+        assert context is not None  # a position bias needs the call's context
+        return self.score_bias(context, index)
+
+    @property
+    def position_aware(self) -> str:
+        """What the scores hold besides ``q k^T``: ``""``, or a description (for refusals)."""
+        what = [n for n, f in (("rotary query/key embeddings", self.qk_transform),
+                               ("a relative-position bias", self.score_bias)) if f is not None]
+        return " and ".join(what)
 
     def output(self, heads_out: Tensor) -> Tensor:
         """``proj(out_norm(o))`` for the concatenated head outputs ``o`` ``[B, N, H*d]``."""
@@ -85,24 +140,163 @@ class AttentionParts:
 
 
 @dataclass(frozen=True)
+class MlpTrace:
+    """One MLP call's intermediates: ``hidden`` (the first linear layer's output) and ``act`` (after the activation)."""
+
+    out: Tensor
+    hidden: Tensor
+    act: Tensor
+
+
+class MlpParts:
+    """A block's MLP (after ``norm2``) by its parts: its forward, its transposed Jacobian at one token, its trace."""
+
+    #: normalisation of the hidden units before the output layer (timm ``scale_mlp_norm``), or ``None``.
+    norm: Optional[nn.Module]
+    fc2: nn.Linear
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.trace(x).out
+
+    def trace(self, x: Tensor) -> MlpTrace:
+        raise NotImplementedError
+
+    def vjp(self, x: Tensor, g: Tensor) -> Tensor:
+        """``(d mlp(x) / dx)^T g`` at ``x`` ``[B, D]``, with forward-only operations."""
+        raise NotImplementedError
+
+    def vjp_blocker(self) -> str:
+        """Why :meth:`vjp` does not apply (an activation or norm without a known derivative), or ``""``."""
+        raise NotImplementedError
+
+    def _hidden_out(self, a: Tensor) -> Tensor:
+        return self.fc2(self.norm(a) if self.norm is not None else a)
+
+    def _norm_vjp(self, a: Tensor, g: Tensor) -> Tensor:
+        g = linear_vjp(self.fc2, g)
+        return norm_vjp(self.norm, a, g) if self.norm is not None else g
+
+    def _blocker(self, act: nn.Module) -> str:
+        if activation_kind(act) is None:
+            return f"its MLP activation {type(act).__name__} has no explicit derivative here"
+        if self.norm is not None and norm_kind(self.norm) is None:
+            return f"its MLP norm is {type(self.norm).__name__}, not LayerNorm or RMSNorm"
+        return ""
+
+
+@dataclass(frozen=True)
+class Mlp(MlpParts):
+    """``fc2(norm(act(fc1(x))))``: the ViT MLP."""
+
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+    norm: Optional[nn.Module] = None
+
+    def trace(self, x: Tensor) -> MlpTrace:
+        h = self.fc1(x)
+        a = self.act(h)
+        return MlpTrace(self._hidden_out(a), h, a)
+
+    def vjp(self, x: Tensor, g: Tensor) -> Tensor:
+        h = self.fc1(x)
+        g = self._norm_vjp(self.act(h), g)
+        return linear_vjp(self.fc1, activation_vjp(cast(str, activation_kind(self.act)), h, g))
+
+    def vjp_blocker(self) -> str:
+        return self._blocker(self.act)
+
+
+@dataclass(frozen=True)
+class GluMlp(MlpParts):
+    """``fc2(norm(act(gate(x)) * value(x)))``: a gated MLP (SwiGLU with SiLU).
+
+    The gate and value are either two linear layers (``fc_gate``, ``fc_value``; timm ``SwiGLU``)
+    or the two halves of one (``fc1``; timm ``GluMlp``, Hugging Face DINOv2's SwiGLU), the gate
+    first unless ``gate_last``.
+    """
+
+    act: nn.Module
+    fc2: nn.Linear
+    fc1: Optional[nn.Linear] = None
+    fc_gate: Optional[nn.Linear] = None
+    fc_value: Optional[nn.Linear] = None
+    gate_last: bool = False
+    norm: Optional[nn.Module] = None
+
+    def _gate_value(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.fc1 is not None:
+            first, second = self.fc1(x).chunk(2, dim=-1)
+            return (second, first) if self.gate_last else (first, second)
+        assert self.fc_gate is not None and self.fc_value is not None  # no packed fc1: two layers
+        return self.fc_gate(x), self.fc_value(x)
+
+    def trace(self, x: Tensor) -> MlpTrace:
+        gate, value = self._gate_value(x)
+        a = self.act(gate) * value
+        return MlpTrace(self._hidden_out(a), torch.cat([gate, value], -1), a)
+
+    def vjp(self, x: Tensor, g: Tensor) -> Tensor:
+        gate, value = self._gate_value(x)
+        g = self._norm_vjp(self.act(gate) * value, g)
+        g_gate = activation_vjp(cast(str, activation_kind(self.act)), gate, g * value)
+        g_value = g * self.act(gate)
+        if self.fc1 is not None:
+            both = torch.cat([g_value, g_gate] if self.gate_last else [g_gate, g_value], -1)
+            return linear_vjp(self.fc1, both)
+        assert self.fc_gate is not None and self.fc_value is not None
+        return linear_vjp(self.fc_gate, g_gate) + linear_vjp(self.fc_value, g_value)
+
+    def vjp_blocker(self) -> str:
+        return self._blocker(self.act)
+
+
+@dataclass(frozen=True)
 class BlockParts:
-    """A pre-norm block ``u = x + ls1 * attn(norm1(x))``, ``x' = u + ls2 * fc2(mlp_norm(act(fc1(norm2(u)))))``."""
+    """A pre-norm block ``u = x + ls1 * attn(norm1(x))``, ``x' = u + ls2 * mlp(norm2(u))``."""
 
     norm1: nn.Module
     attn: AttentionParts
     norm2: nn.Module
-    fc1: nn.Linear
-    act: nn.Module
-    fc2: nn.Linear
+    mlp: MlpParts
     ls1: Optional[Tensor] = None
     ls2: Optional[Tensor] = None
-    mlp_norm: Optional[nn.Module] = None
 
     def mlp_branch(self, u: Tensor) -> Tensor:
-        h = self.act(self.fc1(self.norm2(u)))
-        if self.mlp_norm is not None:
-            h = self.mlp_norm(h)
-        return layer_scale(self.ls2, self.fc2(h))
+        return layer_scale(self.ls2, self.mlp(self.norm2(u)))
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """One block's intermediates, for rules per operation (LRP): named as in :class:`BlockParts`.
+
+    ``x`` the block input, ``n1 = norm1(x)``, ``q, k, v`` ``[B, H, N, d]``, ``o`` the concatenated
+    head outputs, ``attn_out = proj(o)``, ``u`` the mid-residual, ``n2 = norm2(u)``, ``mlp`` the
+    MLP's trace (``mlp.out`` before layer scale).
+    """
+
+    x: Tensor
+    n1: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    attn_out: Tensor
+    u: Tensor
+    n2: Tensor
+    mlp: MlpTrace
+
+
+@dataclass(frozen=True)
+class HeadTrace:
+    """The head's input ``tokens`` and the final norm's output ``normed``."""
+
+    tokens: Tensor
+    normed: Tensor
+
+
+#: Poolings whose query-row weights :meth:`HeadParts.query_weights` knows.
+POOLED_QUERIES = ("token", "token_distill", "avg", "map", "token+avg")
 
 
 @dataclass(frozen=True)
@@ -112,6 +306,8 @@ class HeadParts:
     ``tokens``: for token pooling, ``(token index, linear head)`` pairs whose outputs are
     averaged (one pair for a [class] head, two for DeiT's distilled heads); empty when the model
     pools otherwise, and then ``pooled`` maps the normed tokens to logits.
+    ``pool_weights``: for attention pooling (``"map"``), the pooling attention's weights over
+    the normed tokens ``[B, N]``, averaged over its heads.
     """
 
     norm: nn.Module
@@ -119,6 +315,35 @@ class HeadParts:
     tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
     fc_norm: Optional[nn.Module] = None
     pooled: Optional[Callable[[Tensor], Tensor]] = None
+    num_prefix_tokens: int = 1
+    pool_weights: Optional[Callable[[Tensor], Tensor]] = None
+
+    def query_weights(self, normed: Tensor) -> Tensor:
+        """``[B, N]``: how the head weighs each token's row, the query rows of a ``query="pooled"`` method.
+
+        A [class] head: the [class] token; DeiT's two heads: half each; average pooling: uniform
+        over the patch tokens; attention pooling: the pooling attention's weights (constants of
+        the forward); [class] and mean of patches concatenated (DINOv2): half the [class] token,
+        half uniform over the patches.
+        """
+        B, N = normed.shape[:2]
+        p = self.num_prefix_tokens
+        w = normed.new_zeros(B, N)
+        if self.pooling == "map":
+            assert self.pool_weights is not None  # an attention-pooling head describes its weights
+            return self.pool_weights(normed).detach().to(normed.dtype)
+        if self.pooling == "token":
+            w[:, 0] = 1.0
+        elif self.pooling == "token_distill":
+            w[:, :2] = 0.5
+        elif self.pooling == "avg":
+            w[:, p:] = 1.0 / (N - p)
+        elif self.pooling == "token+avg":
+            w[:, 0] = 0.5
+            w[:, p:] = 0.5 / (N - p)
+        else:
+            raise ValueError(f"no query weights for pooling {self.pooling!r}")
+        return w
 
     def __call__(self, tokens: Tensor, rec: Optional[Record] = None, req: Optional[Request] = None) -> Tensor:
         eps = req.final_norm_eps if req is not None else None
@@ -130,7 +355,10 @@ class HeadParts:
             x = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, eps)
         if req is not None and req.activations:
             assert rec is not None  # what a request asks for is recorded in a record
-            rec.head_activations = {"tokens": tokens, "normed": x}
+            rec.head_trace = HeadTrace(tokens, x)
+        if req is not None and req.query_weights:
+            assert rec is not None
+            rec.query_weights = self.query_weights(x)
         if not self.tokens:
             assert self.pooled is not None  # no token heads: the head pools
             return self.pooled(x)
@@ -162,16 +390,21 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         # A leaf: the attention input feeds only the attention, so its gradient is exact.
         a_in = a_in.detach().requires_grad_(True)
         rec.attention_inputs.append(a_in)
-    q, k, v = b.attn.project(a_in)
+    ctx = rec.context
+    q, k, v = b.attn.project(a_in, ctx, index)
+    bias = b.attn.bias(ctx, index)
     if req.attention_layers is None or index in req.attention_layers:
-        o = attention_core(q, k, v, b.attn.scale, rec, req)
+        o = attention_core(q, k, v, b.attn.scale, rec, req, bias=bias)
     else:  # keep block indices aligned in the records
-        o = attention_core(q, k, v, b.attn.scale, rec, replace(req, attention="none", scores_cls=False))
+        o = attention_core(q, k, v, b.attn.scale, rec, replace(req, attention="none", scores_cls=False,
+                                                               scores_all=False), bias=bias)
         # placeholders keep block indices aligned; only the requested layers are read
         if req.attention != "none":
             rec.attention.append(None)  # type: ignore[arg-type]
         if req.scores_cls:
             rec.scores_cls.append(None)  # type: ignore[arg-type]
+        if req.scores_all:
+            rec.scores.append(None)  # type: ignore[arg-type]
     heads_out = o.transpose(1, 2).flatten(2)
     attn_out = b.attn.output(heads_out)
     u = tokens + layer_scale(b.ls1, attn_out)
@@ -181,15 +414,10 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         del q, k, v, a_in, o, heads_out, attn_out
         return u + b.mlp_branch(u)
     n2 = b.norm2(u)
-    h = b.fc1(n2)
-    a = b.act(h)
-    m = b.fc2(b.mlp_norm(a) if b.mlp_norm is not None else a)
-    out = u + layer_scale(b.ls2, m)
-    rec.activations.append(
-        {"x": tokens, "n1": a_in, "q": q, "k": k, "v": v, "o": heads_out, "attn_out": attn_out,
-         "u": u, "n2": n2, "h": h, "act": a, "mlp_out": m}
-    )
-    return out
+    mlp = b.mlp.trace(n2)
+    rec.traces.append(BlockTrace(x=tokens, n1=a_in, q=q, k=k, v=v, o=heads_out, attn_out=attn_out, u=u, n2=n2,
+                                 mlp=mlp))
+    return u + layer_scale(b.ls2, mlp.out)
 
 
 # --------------------------------------------------------------------------- records
@@ -204,7 +432,9 @@ class Request:
             records it as tensors through which the output's gradient can be taken (leaves
             when ``detach``).
         values: record the attention values ``[B, H, N, d]`` (contiguous copies).
-        scores_cls: record the scaled pre-softmax [class]-query row ``[B, H, N]``.
+        scores_cls: record the scaled pre-softmax [class]-query row ``[B, H, N]`` (the softmax's
+            input: any additive position bias included).
+        scores_all: record the scaled pre-softmax scores of every query row ``[B, H, N, N]``.
         block_inputs: record each block's input ``[B, N, D]`` (``True``), or only those of the
             given block indices (a tuple; the others are recorded as ``None``).
         cls_tokens: record the [class] token of each block's mid-residual ``u`` and of the
@@ -213,9 +443,10 @@ class Request:
             ``None``: every block.
         attention_heads: with ``attention="keep"``, ``"all"`` records ``[B, H, N, N]``;
             ``"mean"``, ``"max"`` or ``"min"`` record the head-fused ``[B, 1, N, N]``.
-        activations: record every block's intermediate tensors by name (``x, n1, q, k, v,
-            o, attn_out, u, n2, h, act, mlp_out``) and the head's input, for rules per
-            operation (LRP).
+        activations: record every block's intermediate tensors (:class:`BlockTrace`) and the
+            head's (:class:`HeadTrace`), for rules per operation (LRP).
+        query_weights: record the head's weights over the query rows ``[B, N]``
+            (:meth:`HeadParts.query_weights`).
         features: record the pre-logits [class] embedding (the classifier's input).
         grad_attention_inputs: block indices whose attention input (norm1 output) becomes a
             gradient leaf, recorded in ``attention_inputs`` (pure forward only).
@@ -226,11 +457,13 @@ class Request:
     attention: str = "none"
     values: bool = False
     scores_cls: bool = False
+    scores_all: bool = False
     block_inputs: Union[bool, Tuple[int, ...]] = False
     cls_tokens: bool = False
     attention_layers: Optional[Tuple[int, ...]] = None
     attention_heads: str = "all"
     activations: bool = False
+    query_weights: bool = False
     features: bool = False
     grad_attention_inputs: Tuple[int, ...] = ()
     final_norm_eps: Optional[float] = None
@@ -247,14 +480,17 @@ class Record:
     logits: Optional[Tensor] = None
     grid: Tuple[int, int] = (0, 0)
     scores_cls: List[Tensor] = field(default_factory=list)
+    scores: List[Tensor] = field(default_factory=list)
     attention: List[Tensor] = field(default_factory=list)
     values: List[Tensor] = field(default_factory=list)
     block_inputs: List[Tensor] = field(default_factory=list)
     mid_cls: List[Tensor] = field(default_factory=list)
     final_cls: Optional[Tensor] = None
     attention_inputs: List[Tensor] = field(default_factory=list)
-    activations: List[Dict[str, Tensor]] = field(default_factory=list)
-    head_activations: Dict[str, Tensor] = field(default_factory=dict)
+    traces: List[BlockTrace] = field(default_factory=list)
+    head_trace: Optional[HeadTrace] = None
+    query_weights: Optional[Tensor] = None
+    context: Optional[ForwardContext] = None
     features: Optional[Tensor] = None
 
 
@@ -266,23 +502,33 @@ def attention_core(
     rec: Record,
     req: Request,
     dropout: Optional[Callable[[Tensor], Tensor]] = None,
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """``softmax(q k^T * scale) v``, recording what ``req`` asks for. ``q, k, v``: ``[B, H, N, d]``.
+    """``softmax(q k^T * scale + bias) v``, recording what ``req`` asks for. ``q, k, v``: ``[B, H, N, d]``.
 
     ``dropout`` (training mode only) is applied to the attention before the values, as the
-    model does; the fused kernel is used where neither it nor the full attention is needed.
+    model does; the fused kernel (with ``bias`` as its float mask) is used where neither it nor
+    the full attention is needed.
     """
-    fused = req.attention == "none" and dropout is None
+    fused = req.attention == "none" and dropout is None and not req.scores_all
     if req.scores_cls and fused:
-        rec.scores_cls.append(((q[:, :, :1] @ k.transpose(-2, -1)) * scale)[:, :, 0])
+        row = (q[:, :, :1] @ k.transpose(-2, -1)) * scale
+        if bias is not None:
+            row = row + bias[..., :1, :]
+        rec.scores_cls.append(row[:, :, 0])
     if req.values:
         # A contiguous copy: a view would keep the whole qkv buffer (3x the values) alive.
         rec.values.append(v.contiguous() if not v.is_contiguous() else v)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        mask = bias.to(q.dtype) if bias is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
     if req.scores_cls:
         rec.scores_cls.append(scores[:, :, 0].detach())
+    if req.scores_all:
+        rec.scores.append(scores.detach())
     attn = scores.softmax(dim=-1)
     if req.attention == "grad" and req.detach:
         # The input was detached, so A is a function of constants only: a leaf is exact.
@@ -370,6 +616,8 @@ class ViTAdapter:
     """
 
     library: str = "?"
+    #: the model family, as the README's supported-models table names it.
+    family: str = "?"
     model: nn.Module
     wrapper: nn.Module
     blocks: List[nn.Module]
@@ -388,7 +636,15 @@ class ViTAdapter:
     pre: Sequence[nn.Module] = ()
     post: Sequence[nn.Module] = ()
 
+    def __init__(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- library hooks
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter describes ``model`` (the registry asks every adapter class)."""
+        raise NotImplementedError
+
     def embed(self, images: Tensor) -> Tensor:
         """Tokens ``[B, N, D]`` entering the first block."""
         raise NotImplementedError
@@ -403,6 +659,10 @@ class ViTAdapter:
 
     def _check_size(self, h: int, w: int) -> None:
         raise NotImplementedError
+
+    def context(self, grid: Tuple[int, int]) -> ForwardContext:
+        """The per-call context for a ``gh x gw`` patch grid (position terms the blocks read)."""
+        return ForwardContext(grid)
 
     def _grid(self, h: int, w: int) -> Tuple[int, int]:
         raise NotImplementedError
@@ -512,10 +772,21 @@ class ViTAdapter:
             )
         if self.pooling not in ("token", "token_distill"):
             return False, (
-                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token, so the "
-                "[class]-query row is not what the model classifies (and receives no gradient when attention "
-                "inputs are detached, the AGCAM definition)"
+                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token alone, so "
+                "the [class]-query row is not what the model classifies (and receives no gradient from the other "
+                "tokens when attention inputs are detached, the AGCAM definition)"
             )
+        return True, ""
+
+    def pooled_query_support(self) -> Tuple[bool, str]:
+        """Whether ``query="pooled"`` is defined: the head pools in a way :meth:`HeadParts.query_weights` knows."""
+        if self.pooling not in POOLED_QUERIES:
+            return False, (
+                f"the model's head pools tokens with {self.pooling!r}, which weighs no query rows "
+                f"(known poolings: {', '.join(POOLED_QUERIES)})"
+            )
+        if self.pooling == "map" and self.head.pool_weights is None:
+            return False, "the model's attention-pooling head is not one captum-vit can read"
         return True, ""
 
     def one_token_support(self) -> Tuple[bool, str]:
@@ -530,14 +801,14 @@ class ViTAdapter:
         for i, b in enumerate(self.parts):
             if b.attn.out_norm is not None:
                 return False, f"block {i}'s attention normalises the head outputs before the projection"
-            if activation_kind(b.act) is None:
-                return False, f"block {i}'s MLP activation {type(b.act).__name__} has no explicit derivative here"
-            for name, norm in (("norm2", b.norm2), ("mlp norm", b.mlp_norm)):
-                if norm is not None and not isinstance(norm, nn.LayerNorm):
-                    return False, f"block {i}'s {name} is {type(norm).__name__}, not LayerNorm"
+            blocker = b.mlp.vjp_blocker()
+            if blocker:
+                return False, f"block {i}: {blocker}"
+            if norm_kind(b.norm2) is None:
+                return False, f"block {i}'s norm2 is {type(b.norm2).__name__}, not LayerNorm or RMSNorm"
         h = self.head
-        if not isinstance(h.norm, nn.LayerNorm) or not (h.fc_norm is None or isinstance(h.fc_norm, nn.LayerNorm)):
-            return False, "the final norm is not LayerNorm"
+        if norm_kind(h.norm) is None or not (h.fc_norm is None or norm_kind(h.fc_norm) is not None):
+            return False, "the final norm is not LayerNorm or RMSNorm"
         if not h.tokens or h.tokens[0][0] != 0:
             return False, "the head does not read the [class] token through a linear layer"
         return True, ""
@@ -554,7 +825,8 @@ class ViTAdapter:
         x = self.vit_input(inputs)
         if self.pre:
             self._check_vit_input(x)
-        rec = Record(grid=self._grid(*x.shape[-2:]))
+        grid = self._grid(*x.shape[-2:])
+        rec = Record(grid=grid, context=self.context(grid))
         if self.parts is not None and not self.active_randomness():
             logits = self._pure_forward(x, rec, request)
         else:
@@ -581,18 +853,22 @@ class ViTAdapter:
             rec.final_cls = tokens[:, 0].clone()
         return self.head(tokens, rec, req)
 
-    def forward_tail(self, tokens: Tensor, start: int, request: Request = Request()) -> Record:
+    def forward_tail(self, tokens: Tensor, start: int, request: Request = Request(),
+                     context: Optional[ForwardContext] = None) -> Record:
         """Run blocks ``start, start+1, ...`` and the head on ``tokens`` (the input of block ``start``).
 
         For methods that perturb the residual stream late in the network (Smooth and
         Integrated CDAM). Records are indexed from ``start``. Needs the pure forward
         (architectures the parts cover); the wrapper's output transforms are applied.
+        ``context``: the full forward's (:attr:`Record.context`), for position-aware attention.
         """
         if self.parts is None:
             raise ValueError(
                 f"re-running part of the network needs a model the description covers: {self.parts_missing}"
             )
-        rec = Record()
+        rec = Record(context=context)
+        if context is not None:
+            rec.grid = context.grid
         logits = self._run_blocks(tokens, start, rec, request)
         for m in self.post:
             logits = m(logits)
@@ -667,8 +943,8 @@ class ViTAdapter:
         (_, linear), n_heads = head.tokens[0], len(head.tokens)
         g = linear.weight.index_select(0, targets).to(final.dtype) / n_heads
         if head.fc_norm is not None:
-            g = layer_norm_vjp(head.norm(final), cast(nn.LayerNorm, head.fc_norm), g)
-        g = layer_norm_vjp(final, cast(nn.LayerNorm, head.norm), g)
+            g = norm_vjp(head.fc_norm, head.norm(final), g)
+        g = norm_vjp(head.norm, final, g)
         grads: Dict[int, Tensor] = {}
         for k in range(self.num_layers - 1, first_layer - 1, -1):
             b, u = self.parts[k], rec.mid_cls[k]
@@ -680,11 +956,5 @@ class ViTAdapter:
 
     @staticmethod
     def _mlp_vjp(b: BlockParts, u: Tensor, g: Tensor) -> Tensor:
-        n = b.norm2(u)
-        h = b.fc1(n)
-        a = b.act(h)
-        g = linear_vjp(b.fc2, layer_scale(b.ls2, g))
-        if b.mlp_norm is not None:
-            g = layer_norm_vjp(a, cast(nn.LayerNorm, b.mlp_norm), g)
-        g = activation_vjp(cast(str, activation_kind(b.act)), h, g)
-        return layer_norm_vjp(u, cast(nn.LayerNorm, b.norm2), linear_vjp(b.fc1, g))
+        """``(d ls2 * mlp(norm2(u)) / du)^T g``."""
+        return norm_vjp(b.norm2, u, b.mlp.vjp(b.norm2(u), layer_scale(b.ls2, g)))

@@ -12,12 +12,14 @@ from captum_vit.vit.base import (
     AttentionParts,
     BlockParts,
     HeadParts,
+    Mlp,
     Record,
     Request,
     UnsupportedModelError,
     ViTAdapter,
     attention_core,
 )
+from captum_vit.vit.registry import register_adapter
 
 __all__ = ["HFViTAdapter", "is_hf_vit"]
 
@@ -38,14 +40,20 @@ def _attention_parts(a: Any) -> AttentionParts:  # a transformers ViTAttention
     )
 
 
+@register_adapter
 class HFViTAdapter(ViTAdapter):
     library = "transformers"
+    family = "Hugging Face ViTForImageClassification"
     # transformers' ViTForImageClassification and its layers: their attributes (vit, config, attention,
     # ...) are transformers', which nn.Module's typing cannot see
     model: Any
     blocks: List[Any]
     attentions: List[Any]
     config: Any
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_hf_vit(model)
 
     def __init__(self, model: nn.Module):
         vit = getattr(model, "vit", None)
@@ -82,9 +90,7 @@ class HFViTAdapter(ViTAdapter):
                 norm1=layer.layernorm_before,
                 attn=_attention_parts(layer.attention),
                 norm2=layer.layernorm_after,
-                fc1=layer.mlp.fc1,
-                act=layer.mlp.activation_fn,
-                fc2=layer.mlp.fc2,
+                mlp=Mlp(fc1=layer.mlp.fc1, act=layer.mlp.activation_fn, fc2=layer.mlp.fc2),
             )
             for layer in self.blocks
         ]

@@ -12,14 +12,17 @@ from captum_vit.vit.base import (
     AttentionParts,
     BlockParts,
     HeadParts,
+    Mlp,
+    MlpParts,
     Record,
     Request,
     UnsupportedModelError,
     ViTAdapter,
     attention_core,
 )
+from captum_vit.vit.registry import register_adapter
 
-__all__ = ["TimmViTAdapter", "is_timm_vit"]
+__all__ = ["TimmViTAdapter", "is_timm_vit", "timm_mlp", "map_pool_weights"]
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -38,13 +41,60 @@ def _gamma(ls: Any) -> Optional[Tensor]:  # timm's LayerScale, or Identity
     return None if isinstance(ls, nn.Identity) else ls.gamma
 
 
+def map_pool_weights(pool: Any) -> Optional[Callable[[Tensor], Tensor]]:
+    """The weights ``[B, N]`` of timm's ``AttentionPoolLatent`` over its input tokens, mean over its heads.
+
+    ``None`` for a pool this cannot read (several latent queries, or no q/kv layers).
+    """
+    if getattr(pool, "latent_len", 1) != 1 or not all(hasattr(pool, n) for n in ("q", "kv", "latent", "scale")):
+        return None
+
+    def weights(x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        H = pool.num_heads
+        d = C // H if getattr(pool, "head_dim", None) is None else pool.head_dim
+        if getattr(pool, "pos_embed", None) is not None:
+            x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, 1, H, d).transpose(1, 2)
+        k = pool.kv(x).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)[0]
+        q, k = pool.q_norm(q), pool.k_norm(k)
+        return ((q @ k.transpose(-2, -1)) * pool.scale).softmax(-1).mean(1)[:, 0]
+
+    return weights
+
+
+def timm_mlp(mlp: Any) -> Tuple[Optional[MlpParts], str]:
+    """timm's ``Mlp``, ``SwiGLU`` or ``GluMlp`` by its parts, or ``(None, why not)``."""
+    from captum_vit.vit.base import GluMlp
+
+    kind = type(mlp).__name__
+    linears = [getattr(mlp, n, None) for n in ("fc1", "fc1_g", "fc1_x", "fc2") if getattr(mlp, n, None) is not None]
+    if not all(isinstance(lin, nn.Linear) for lin in linears):
+        return None, "its MLP uses convolutions instead of linear layers"
+    norm = _opt(getattr(mlp, "norm", None))
+    if kind == "Mlp":
+        return Mlp(fc1=mlp.fc1, act=mlp.act, fc2=mlp.fc2, norm=norm), ""
+    if kind == "SwiGLU":
+        return GluMlp(act=mlp.act, fc2=mlp.fc2, fc_gate=mlp.fc1_g, fc_value=mlp.fc1_x, norm=norm), ""
+    if kind in ("GluMlp", "SwiGLUPacked") and getattr(mlp, "chunk_dim", -1) == -1:
+        return GluMlp(act=mlp.act, fc2=mlp.fc2, fc1=mlp.fc1, gate_last=bool(getattr(mlp, "gate_last", True)),
+                      norm=norm), ""
+    return None, f"its MLP is {kind}, not timm's Mlp, SwiGLU or GluMlp"
+
+
+@register_adapter
 class TimmViTAdapter(ViTAdapter):
     library = "timm"
+    family = "timm VisionTransformer"
     # timm's VisionTransformer, its blocks and attention modules: their attributes (blocks, patch_embed,
     # num_heads, ...) are timm's, which nn.Module's typing cannot see
     model: Any
     blocks: List[Any]
     attentions: List[Any]
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_timm_vit(model)
 
     def __init__(self, model: nn.Module):
         try:
@@ -99,10 +149,9 @@ class TimmViTAdapter(ViTAdapter):
             mlp: Any = blk.mlp
             if getattr(a, "gate", None) is not None:
                 return None, f"block {i}'s attention gates its output"
-            if not all(hasattr(mlp, n) for n in ("fc1", "act", "fc2")) or type(mlp).__name__ != "Mlp":
-                return None, f"block {i}'s MLP is {type(mlp).__name__}, not timm's Mlp"
-            if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
-                return None, f"block {i}'s MLP uses convolutions instead of linear layers"
+            mlp_parts, why = timm_mlp(mlp)
+            if mlp_parts is None:
+                return None, f"block {i}: {why}"
             attn = AttentionParts(
                 num_heads=a.num_heads,
                 head_dim=a.head_dim,
@@ -118,12 +167,9 @@ class TimmViTAdapter(ViTAdapter):
                     norm1=blk.norm1,
                     attn=attn,
                     norm2=blk.norm2,
-                    fc1=mlp.fc1,
-                    act=mlp.act,
-                    fc2=mlp.fc2,
+                    mlp=mlp_parts,
                     ls1=_gamma(blk.ls1),
                     ls2=_gamma(blk.ls2),
-                    mlp_norm=_opt(getattr(mlp, "norm", None)),
                 )
             )
         return parts, ""
@@ -141,6 +187,8 @@ class TimmViTAdapter(ViTAdapter):
             tokens=tokens,
             fc_norm=_opt(getattr(m, "fc_norm", None)),
             pooled=None if tokens else m.forward_head,
+            num_prefix_tokens=self.num_prefix_tokens,
+            pool_weights=map_pool_weights(m.attn_pool) if getattr(m, "attn_pool", None) is not None else None,
         )
 
     # ----------------------------------------------------------------- library hooks

@@ -12,12 +12,21 @@ forward operation and its transposed Jacobian, and the forward pass and the meth
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["layer_norm_vjp", "linear_vjp", "activation_vjp", "layer_scale", "activation_kind"]
+__all__ = [
+    "layer_norm_vjp",
+    "rms_norm_vjp",
+    "norm_vjp",
+    "norm_kind",
+    "linear_vjp",
+    "activation_vjp",
+    "layer_scale",
+    "activation_kind",
+]
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -32,6 +41,43 @@ def layer_norm_vjp(x: Tensor, norm: nn.LayerNorm, g: Tensor) -> Tensor:
     x_hat = xc * rstd
     g_hat = g * norm.weight if norm.weight is not None else g
     return rstd * (g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
+
+
+def rms_norm_vjp(x: Tensor, weight: Optional[Tensor], eps: float, g: Tensor) -> Tensor:
+    """``(d RMSNorm(x) / dx)^T g`` over the last dimension, ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight``."""
+    rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+    g_hat = g * weight if weight is not None else g
+    return rstd * (g_hat - x * rstd * rstd * (g_hat * x).mean(-1, keepdim=True))
+
+
+def norm_kind(norm: nn.Module) -> Optional[str]:
+    """``"layer"`` or ``"rms"`` for a normalisation whose derivative :func:`norm_vjp` knows, else ``None``.
+
+    An RMS norm is recognised by class name (timm's ``RmsNorm``, ``torch.nn.RMSNorm``) with a
+    readable ``eps``, since timm's RMS norms do not share a base class with torch's.
+    """
+    if isinstance(norm, nn.LayerNorm):
+        return "layer"
+    if type(norm).__name__ in ("RmsNorm", "RMSNorm") and _eps(norm) is not None:
+        return "rms"
+    return None
+
+
+def _eps(norm: nn.Module) -> Optional[float]:
+    eps = getattr(norm, "eps", None)
+    if eps is None and isinstance(norm, getattr(nn, "RMSNorm", ())):
+        return None  # torch's RMSNorm with eps=None uses the dtype's epsilon, which depends on the input
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def norm_vjp(norm: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """``(d norm(x) / dx)^T g`` for a LayerNorm or an RMS norm (see :func:`norm_kind`)."""
+    kind = norm_kind(norm)
+    if kind == "layer":
+        return layer_norm_vjp(x, norm, g)  # type: ignore[arg-type]  # norm_kind checked it is a LayerNorm
+    if kind == "rms":
+        return rms_norm_vjp(x, getattr(norm, "weight", None), cast(float, _eps(norm)), g)
+    raise ValueError(f"no derivative for normalisation {type(norm).__name__}")
 
 
 def linear_vjp(linear: nn.Linear, g: Tensor) -> Tensor:
