@@ -293,3 +293,160 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------- ViT families
+# Tiny, eval-mode, random-init (seeded, then _perturb) models of every family the package is being
+# extended to. A family whose class or option the installed timm / transformers lacks skips with a reason
+# (the suite also runs on timm 1.0.16); a missing transformers fails, as make_hf does.
+
+from typing import Callable, Dict  # noqa: E402  (this section's own; the module's imports above stay as they were)
+
+FAMILY_TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=10)
+FAMILY_IMG = {}  # name -> input side, when not 64 (a family with patch 14 would use 56)
+
+
+def _timm_class(module: str, name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        pytest.skip(f"{module} is not in the installed timm: {e}")
+    cls = getattr(mod, name, None)
+    if cls is None:
+        import timm
+
+        pytest.skip(f"{module}.{name} is not in the installed timm {timm.__version__}")
+    return cls
+
+
+def _require_options(cls, *options):
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    missing = [o for o in options if o not in params]
+    if missing:
+        import timm
+
+        pytest.skip(f"{cls.__name__} of timm {timm.__version__} has no option(s) {missing}")
+
+
+def _finish(build):
+    torch.manual_seed(0)
+    return _perturb(build()).eval()
+
+
+def _eva(**kw):
+    Eva = _timm_class("timm.models.eva", "Eva")
+    _require_options(Eva, *kw)
+    args = dict(FAMILY_TINY, drop_rate=0.0, pos_drop_rate=0.0, patch_drop_rate=0.0, proj_drop_rate=0.0,
+                attn_drop_rate=0.0, drop_path_rate=0.0)
+    args.update(kw)
+    return _finish(lambda: Eva(**args))
+
+
+def _beit(**kw):
+    Beit = _timm_class("timm.models.beit", "Beit")
+    _require_options(Beit, *kw)
+    args = dict(FAMILY_TINY, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0)
+    args.update(kw)
+    return _finish(lambda: Beit(**args))
+
+
+def _relpos(**kw):
+    RelPos = _timm_class("timm.models.vision_transformer_relpos", "VisionTransformerRelPos")
+    _require_options(RelPos, *kw)
+    args = dict(FAMILY_TINY, drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                init_values=0.1)
+    args.update(kw)
+    return _finish(lambda: RelPos(**args))
+
+
+def _vit(**kw):
+    ViT = _timm_class("timm.models.vision_transformer", "VisionTransformer")
+    _require_options(ViT, *kw)
+    args = dict(FAMILY_TINY, drop_rate=0.0, pos_drop_rate=0.0, patch_drop_rate=0.0, proj_drop_rate=0.0,
+                attn_drop_rate=0.0, drop_path_rate=0.0)
+    args.update(kw)
+    return _finish(lambda: ViT(**args))
+
+
+def _naflex():
+    NaFlexVit = _timm_class("timm.models.naflexvit", "NaFlexVit")
+    Cfg = _timm_class("timm.models.naflexvit", "NaFlexVitCfg")
+    t = FAMILY_TINY
+    # like naflexvit_base_patch16_map: one register token, MAP head (over the patch tokens only)
+    kw = dict(patch_size=t["patch_size"], embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
+              init_values=0.1, global_pool="map", reg_tokens=1, pos_embed_grid_size=(8, 8))
+    missing = sorted(set(kw) - set(Cfg.__dataclass_fields__))
+    if missing:
+        import timm
+
+        pytest.skip(f"NaFlexVitCfg of timm {timm.__version__} has no field(s) {missing}")
+    cfg = Cfg(**kw)
+    return _finish(lambda: NaFlexVit(cfg=cfg, num_classes=t["num_classes"], img_size=t["img_size"]))
+
+
+def _hf(cls_name: str, cfg_name: str, **kw):
+    import transformers  # a dev dependency: a missing one fails the tests rather than skipping them
+
+    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
+    if cls is None or cfg_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    t = FAMILY_TINY
+    args = dict(image_size=t["img_size"], patch_size=t["patch_size"], hidden_size=t["embed_dim"],
+                num_hidden_layers=t["depth"], num_attention_heads=t["num_heads"], num_labels=t["num_classes"],
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    args.update(kw)
+    return _finish(lambda: cls(cfg_cls(**args)))
+
+
+def _dinov2(**kw):
+    return _hf("Dinov2ForImageClassification", "Dinov2Config", mlp_ratio=4, layerscale_value=0.1,
+               drop_path_rate=0.0, **kw)
+
+
+FAMILIES: Dict[str, Callable[[], torch.nn.Module]] = {
+    # timm EVA: rope + SwiGLU with its norm (separate fc for gate & x) + abs pos + layer scale, [class] head
+    "eva_cls": lambda: _eva(class_token=True, global_pool="token", use_rot_pos_emb=True, swiglu_mlp=True,
+                            scale_mlp=True, use_abs_pos_emb=True, init_values=0.1),
+    # SwiGLU without its norm: eva.py builds the packed GluMlp (one fc1 for gate & x, SiLU, gate_last=False)
+    "eva_packed": lambda: _eva(class_token=True, global_pool="token", use_rot_pos_emb=True, swiglu_mlp=True,
+                               scale_mlp=False, init_values=0.1),
+    # EVA02 classification (eva02_*_patch14_448): q/k/v separate, mlp 4*2/3, avg pool (excl. [class]) + fc_norm
+    "eva02_avg": lambda: _eva(class_token=True, global_pool="avg", use_rot_pos_emb=True, swiglu_mlp=True,
+                              scale_mlp=True, qkv_fused=False, mlp_ratio=4 * 2 / 3, ref_feat_shape=(8, 8)),
+    # PE-core (vit_pe_core_*): AttentionRope blocks, pre-transformer norm, 'xy' rope with offset 1, [class]
+    # token kept, MAP head (AttentionPoolLatent, 8 heads) over every token
+    "pe_core_map": lambda: _eva(global_pool="map", attn_type="rope", use_pre_transformer_norm=True,
+                                use_rot_pos_emb=True, ref_feat_shape=(8, 8), rope_grid_offset=1.0,
+                                rope_grid_indexing="xy", attn_pool_num_heads=8, attn_pool_mlp_ratio=4.0),
+    # BEiT: per-block relative position bias (an additive sdpa mask), layer scale
+    "beit_cls": lambda: _beit(use_abs_pos_emb=False, use_rel_pos_bias=True, global_pool="token", init_values=0.1),
+    "beit_avg": lambda: _beit(use_abs_pos_emb=False, use_rel_pos_bias=True, global_pool="avg", init_values=0.1),
+    # ViT with relative position (vit_relpos_*_cls: log-coord MLP bias, [class] head)
+    "relpos_cls": lambda: _relpos(class_token=True, global_pool="token", rel_pos_type="mlp", qkv_bias=False),
+    "relpos_avg": lambda: _relpos(class_token=False, global_pool="avg", rel_pos_type="bias"),
+    "relpos_shared": lambda: _relpos(class_token=True, global_pool="token", shared_rel_pos=True),
+    # vit_medium_patch16_gap_256-like: no [class] token, average pooling, no fc_norm
+    "vit_gap": lambda: _vit(class_token=False, global_pool="avg", fc_norm=False, qkv_bias=False),
+    # SigLIP-style: no [class] token, MAP attention-pooling head
+    "vit_map": lambda: _vit(class_token=False, global_pool="map"),
+    "naflex": _naflex,
+    "hf_deit": lambda: _hf("DeiTForImageClassification", "DeiTConfig", intermediate_size=192),
+    "hf_deit_teacher": lambda: _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=192),
+    "hf_dinov2": lambda: _dinov2(),
+    "hf_dinov2_swiglu": lambda: _dinov2(use_swiglu_ffn=True),
+}
+
+
+def make_family(name: str):
+    """The tiny eval-mode model of family ``name`` (skips the test when the installed library lacks it)."""
+    return FAMILIES[name]()
+
+
+def family_input(name: str, batch: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    s = FAMILY_IMG.get(name, 64)
+    return torch.randn(batch, 3, s, s, generator=g)
