@@ -306,8 +306,10 @@ class HeadParts:
     ``tokens``: for token pooling, ``(token index, linear head)`` pairs whose outputs are
     averaged (one pair for a [class] head, two for DeiT's distilled heads); empty when the model
     pools otherwise, and then ``pooled`` maps the normed tokens to logits.
-    ``pool_weights``: for attention pooling (``"map"``), the pooling attention's weights over
-    the normed tokens ``[B, N]``, averaged over its heads.
+    ``pool_from``: the first token an average or attention pooling reads (the prefix tokens
+    are skipped by default; 0 where the pool reads them too). ``pool_weights``: for attention
+    pooling (``"map"``), the pooling attention's weights over the tokens it reads ``[B, K]``,
+    averaged over its heads.
     """
 
     norm: nn.Module
@@ -315,7 +317,7 @@ class HeadParts:
     tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
     fc_norm: Optional[nn.Module] = None
     pooled: Optional[Callable[[Tensor], Tensor]] = None
-    num_prefix_tokens: int = 1
+    pool_from: int = 1
     pool_weights: Optional[Callable[[Tensor], Tensor]] = None
 
     def query_weights(self, normed: Tensor) -> Tensor:
@@ -327,12 +329,12 @@ class HeadParts:
         half uniform over the patches.
         """
         B, N = normed.shape[:2]
-        p = self.num_prefix_tokens
+        p = self.pool_from
         w = normed.new_zeros(B, N)
         if self.pooling == "map":
             assert self.pool_weights is not None  # an attention-pooling head describes its weights
-            return self.pool_weights(normed).detach().to(normed.dtype)
-        if self.pooling == "token":
+            w[:, p:] = self.pool_weights(normed[:, p:]).detach().to(normed.dtype)
+        elif self.pooling == "token":
             w[:, 0] = 1.0
         elif self.pooling == "token_distill":
             w[:, :2] = 0.5

@@ -187,7 +187,7 @@ class TimmViTAdapter(ViTAdapter):
             tokens=tokens,
             fc_norm=_opt(getattr(m, "fc_norm", None)),
             pooled=None if tokens else m.forward_head,
-            num_prefix_tokens=self.num_prefix_tokens,
+            pool_from=0 if getattr(m, "pool_include_prefix", False) else self.num_prefix_tokens,
             pool_weights=map_pool_weights(m.attn_pool) if getattr(m, "attn_pool", None) is not None else None,
         )
 
