@@ -111,6 +111,7 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
     method: str = "agcam",
     on_error: str = "raise",
     json_path: Optional[str] = None,
+    query: str = "class",
 ) -> List[dict]:
     """Explain image files with one method; write one overlay PNG per image. Returns one record per image.
 
@@ -118,13 +119,15 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
     coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`captum_vit.viz.overlay_stems`).
     ``method`` is a short name of :data:`captum_vit.attr.METHODS` (``agcam``, ``rollout``,
     ``lrp``, ``gae``, ``cdam``, ``raw``). Images are explained ``batch_size`` at a time.
+    ``query="pooled"`` makes agcam, rollout, raw and gae read the query rows as the model's head
+    pools them (average- or attention-pooled ViTs; see :class:`captum_vit.AGCAM`).
 
     ``on_error="raise"`` stops at the first unreadable image (``ValueError`` naming it);
     ``"skip"`` reports it on stderr, counts it and explains the others. A record whose logits or
     map hold NaN or infinite values has ``"finite": False``, no overlay and a warning on stderr.
     ``json_path``: also write the records, the skipped files and the counts there (NaN as null).
     """
-    from captum_vit.attr import METHODS
+    from captum_vit.attr import METHODS, construct
     from captum_vit.models import load_model
     from captum_vit.viz import overlay_stems
 
@@ -133,7 +136,7 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     net, cfg, names = load_model(model, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                  device=device)
-    explainer = METHODS[method](net)
+    explainer = construct(METHODS[method], net, query)
     _make_out_folder(out)
     stems = overlay_stems(images)
     records: List[dict] = []
@@ -248,7 +251,8 @@ def _write_json(path: str, data: dict) -> None:
 
 def _cmd_explain(a: argparse.Namespace) -> int:
     records = explain(a.images, a.model, a.checkpoint, a.pretrained, a.num_classes, a.target, a.out, a.device,
-                      batch_size=a.batch_size, method=a.method, on_error=a.on_error, json_path=a.json)
+                      batch_size=a.batch_size, method=a.method, on_error=a.on_error, json_path=a.json,
+                      query=a.query)
     # NaN or infinite results were warned about per image; the exit status says so to scripts too
     return 1 if any(not r["finite"] for r in records) else 0
 
@@ -327,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="agcam", choices=list(METHODS),
                    help="explanation method (default: agcam)")
     p.add_argument("--target", type=int, help="class to explain (default, or negative: the predicted class)")
+    p.add_argument("--query", default="class", choices=["class", "pooled"],
+                   help="query rows read by agcam, rollout, raw and gae: the [class] token's (default, the papers') "
+                        "or 'pooled', weighted as the model's head pools the tokens (average- or MAP-pooled ViTs)")
     p.add_argument("--out", default="captum_vit_out", metavar="DIR",
                    help="output folder, created if missing (default: captum_vit_out)")
     p.add_argument("--batch-size", type=int, default=16, help="images per attribute call (default 16)")

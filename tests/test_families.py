@@ -158,3 +158,28 @@ def test_onnx_runtime_equals_eager(family, tmp_path):
         eager, eager_logits = AGCAM(model).attribute(x, target=TARGETS, return_logits=True)
     _close(torch.from_numpy(logits), eager_logits, rel=1e-4)
     _close(torch.from_numpy(cam).flatten(1), _flat(eager), rel=1e-4)
+
+
+def test_evaluate_and_explain_take_the_pooled_query(tmp_path):
+    """``--query pooled`` reaches the methods that read query rows; the default refuses a pooled ViT."""
+    from captum_vit.attr import construct
+    from captum_vit.data import ShapesDataset
+    from captum_vit.evaluation import evaluate
+
+    model = make_family("vit_gap")
+    with pytest.raises(ValueError, match="query='pooled'"):
+        evaluate(model, ShapesDataset("single", seed=1, size=2, image_size=64), "agcam", progress=False)
+    with pytest.raises(ValueError, match="query must be one of"):
+        construct(__import__("captum_vit").CDAM, model, "rows")
+    ds = ShapesDataset("single", seed=1, size=2, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with one_thread():
+        r = evaluate(model, ds, "agcam,rollout,cdam", query="pooled", progress=False, metrics="localization")
+    assert r["n_computed"] == 2 and r["fingerprint"]["query"] == "pooled"
+    # and the command line: explain takes --query too
+    from PIL import Image
+
+    from captum_vit.cli import explain
+
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match="query='pooled'"):
+        explain([str(tmp_path / "grey.png")], "vit_medium_patch16_gap_256", out=str(tmp_path / "o"), method="rollout")

@@ -72,6 +72,24 @@ METHODS: MutableMapping[str, type] = _Registry({
 EXPORTABLE_METHODS = ("agcam", "rollout", "raw")
 
 
+def construct(cls: type, model, query: str = "class"):
+    """``cls(model)``, with ``query=`` passed to the methods that read query rows of the attention.
+
+    ``query="pooled"`` (see :class:`AGCAM`) reaches AGCAM, rollout, raw attention and GAE;
+    CDAM is defined on every head and takes no query; Transformer Attribution is defined on the
+    [class] row only, so it is constructed as it is and refuses a pooled head itself.
+    """
+    import inspect
+
+    from captum_vit.attr._base import QUERIES
+
+    if query not in QUERIES:
+        raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
+    if query != "class" and "query" in inspect.signature(cls.__init__).parameters:
+        return cls(model, query=query)
+    return cls(model)
+
+
 def resolve_methods(methods=None):
     r"""Turn a method selection into ``{name: attribution class}``.
 
@@ -110,6 +128,7 @@ __all__ = [
     "RawAttention",
     "TransformerAttribution",
     "ViTLayerAttribution",
+    "construct",
     "resolve_methods",
     "resolve_targets",
 ]

@@ -46,6 +46,10 @@ class EvalOptions:
     keep_maps: bool = field(default=True, metadata=_cli(
         "--no-maps", "do not keep each image's maps in the store (smaller; reports then show scores without "
         "pictures)", negate=True))
+    query: str = field(default="class", metadata=_cli(
+        "--query", "query rows read by agcam, rollout, raw and gae: 'class' (the [class] token's, the papers' "
+        "definition) or 'pooled' (weighted as the model's head pools the tokens, for average- or "
+        "attention-pooled ViTs)", choices=("class", "pooled")))
     workers: int = field(default=0, metadata=_cli("--workers", "DataLoader processes loading images (default 0)"))
     progress: bool = field(default=True, metadata=_cli("--no-progress", "hide the progress bar", negate=True))
     abpc_batch_size: int = 64  # perturbed copies per model call in ABPC (not on the command line)
@@ -67,6 +71,8 @@ class EvalOptions:
             raise ValueError(f"workers {self.workers} must be 0 or more")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold {self.threshold} is outside [0, 1] (maps are min-max normalised first)")
+        if self.query not in ("class", "pooled"):
+            raise ValueError(f"query {self.query!r} must be 'class' or 'pooled'")
         if self.limit is not None and int(self.limit) < 1:
             raise ValueError(f"limit {self.limit} must be at least 1")
 
@@ -75,6 +81,8 @@ class EvalOptions:
         ident = {"metrics": list(self.metrics), "threshold": float(self.threshold), "keep_maps": bool(self.keep_maps)}
         if not self.only_correct:
             ident["localize_all"] = True
+        if self.query != "class":
+            ident["query"] = self.query
         return ident
 
     def columns(self) -> list:

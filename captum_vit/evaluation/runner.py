@@ -112,6 +112,7 @@ def fingerprint(model: torch.nn.Module, dataset: Any, classes: Mapping[str, type
         "keep_maps": ident["keep_maps"],
         "dataset": describe_dataset(dataset),
         **({"localize_all": True} if ident.get("localize_all") else {}),
+        **({"query": ident["query"]} if "query" in ident else {}),
     }
 
 
@@ -292,7 +293,7 @@ def evaluate(  # noqa: PLR0913 - model, data, methods, options; the rest are key
     r"""Score attribution methods on a dataset with the localization, ABPC and diagnostic protocols.
 
     See the module docstring for the protocol. The model is used as given (it must be in eval
-    mode); each method is constructed as ``cls(model)``.
+    mode); each method is constructed as ``cls(model)`` (with ``query=`` where it reads query rows).
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the batches are dealt
     round-robin over the ranks; each rank commits its batches into ``store``'s folder of parts,
@@ -340,7 +341,7 @@ def evaluate(  # noqa: PLR0913 - model, data, methods, options; the rest are key
         EvaluationInterrupted: Ctrl-C; the message says how many images are stored and that the
             same call resumes.
     """
-    from captum_vit.attr import resolve_methods
+    from captum_vit.attr import construct, resolve_methods
 
     t_start = time.perf_counter()
     opts = (options or EvalOptions()).replace(**option_values) if option_values else (options or EvalOptions())
@@ -354,7 +355,7 @@ def evaluate(  # noqa: PLR0913 - model, data, methods, options; the rest are key
         raise ValueError(f"store {store!r} is a folder; give the store's file name (e.g. {STORE_NAME} inside it)")
     classes = resolve_methods(methods)
     _check_classes(model, dataset)
-    explainers = {name: cls(model) for name, cls in classes.items()}
+    explainers = {name: construct(cls, model, opts.query) for name, cls in classes.items()}
     fp = fingerprint(model, dataset, classes, opts, checkpoint)
     n_total = len(dataset) if opts.limit is None else min(int(opts.limit), len(dataset))
     run_attrs = dict(n_total=n_total, captum_vit_version=_version(), methods=json.dumps(list(classes)),
