@@ -85,7 +85,7 @@ def construct(cls: type, model, query: str = "class"):
 
     if query not in QUERIES:
         raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
-    if query != "class" and "query" in inspect.signature(cls.__init__).parameters:
+    if query != "class" and "query" in inspect.signature(cls).parameters:
         return cls(model, query=query)
     return cls(model)
 
