@@ -9,7 +9,7 @@ from captum.attr._utils.attribution import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_vit.attr._base import TargetType, ViTLayerAttribution
+from captum_vit.attr._base import TargetType, ViTLayerAttribution, alternatives
 from captum_vit.vit import Record, Request, ViTAdapter
 
 __all__ = ["CDAM"]
@@ -76,7 +76,8 @@ class CDAM(ViTLayerAttribution, GradientAttribution):
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
         if self.adapter.parts is None:
-            raise ValueError(f"CDAM re-runs the last block from its input, and {self.adapter.parts_missing}")
+            raise ValueError(f"CDAM re-runs the last block from its input, and {self.adapter.parts_missing}. "
+                             f"{alternatives(self.adapter, exclude='cdam')}")
         for name, value in (("n_samples", n_samples), ("n_steps", n_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_samples" else 2):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'n_samples' else 2}, got {value!r}")

@@ -165,7 +165,8 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n:
             raise ValueError(f"start_layer must be an int in 0..{n - 1}, got {start_layer!r}")
         if a.parts is None:
-            raise ValueError(f"TransformerAttribution needs a rule per operation, and {a.parts_missing}")
+            raise ValueError(f"TransformerAttribution needs a rule per operation, and {a.parts_missing}. "
+                             f"{alternatives(a, exclude='lrp')}")
         for i, blk in enumerate(a.parts):
             why = blk.attn.position_aware or ("a gated MLP" if not isinstance(blk.mlp, Mlp) else "")
             if why:
@@ -176,7 +177,8 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         if len(a.head.tokens) != 1 or a.head.tokens[0][0] != 0 or a.post:
             raise ValueError(
                 "TransformerAttribution is defined for a single linear head on the [class] token whose output is "
-                "the explained logit; this model pools or averages several heads, or transforms the logits"
+                "the explained logit; this model pools or averages several heads, or transforms the logits. "
+                f"{alternatives(a, exclude='lrp')}"
             )
         self.start_layer = start_layer
         self.final_norm_eps = final_norm_eps

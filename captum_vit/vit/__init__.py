@@ -62,11 +62,10 @@ __all__ = [
 
 
 def _unsupported_msg(model: object) -> str:
+    families = "; ".join(cls.family for cls in ADAPTERS)
     return (
-        f"{type(model).__name__} is not a supported Vision Transformer. captum-vit reads timm "
-        "VisionTransformer models (vit_*, deit_*, including distilled and register-token variants) and "
-        "Hugging Face ViTForImageClassification, also inside nn.Sequential(preprocessing, vit) or torch.compile(vit), "
-        "e.g. timm.create_model('vit_base_patch16_224')."
+        f"{type(model).__name__} is not a supported Vision Transformer. captum-vit reads: {families}; also inside "
+        "nn.Sequential(preprocessing, vit) or torch.compile(vit), e.g. timm.create_model('vit_base_patch16_224')."
     )
 
 
