@@ -176,7 +176,8 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         if len(a.head.tokens) != 1 or a.head.tokens[0][0] != 0 or a.post:
             raise ValueError(
                 "TransformerAttribution is defined for a single linear head on the [class] token whose output is "
-                "the explained logit; this model pools or averages several heads, or transforms the logits"
+                "the explained logit; this model pools or averages several heads, or transforms the logits. "
+                f"{alternatives(a, exclude='lrp')}"
             )
         self.start_layer = start_layer
         self.final_norm_eps = final_norm_eps
