@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from captum_vit.vit.hf import is_hf_vit
+from captum_vit.vit import matching_adapter
 
 __all__ = ["load_model", "load_checkpoint_state", "class_names", "data_config_for", "preprocess_images", "SHAPES_NAME"]
 
@@ -125,15 +125,19 @@ def data_config_for(model: nn.Module) -> Dict[str, Any]:
 
     timm models: timm's own resolution, with the input size the model was built for
     (``patch_embed.img_size``; timm takes it from the pretrained config, which a model created
-    with another ``img_size`` does not match). Hugging Face ViTs: a square resize to
-    ``config.image_size`` with mean = std = 0.5, as their image processor does.
+    with another ``img_size`` does not match). Hugging Face models: ``config.image_size`` with the
+    normalisation, interpolation and crop of the family's image processor (the adapter's
+    ``preprocessing``): mean = std = 0.5 and a square resize for ViT, the ImageNet mean and std
+    with a 224/256 centre crop for DeiT and DINOv2. The processor itself lives beside the
+    checkpoint, not in the model, so these are the defaults its published checkpoints use.
     """
-    if is_hf_vit(model):
-        config: Any = model.config  # transformers' ViTConfig
+    adapter = matching_adapter(model)
+    if adapter is not None and adapter.library == "transformers":
+        config: Any = model.config  # transformers'
         s = config.image_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return {"input_size": (config.num_channels, h, w), "interpolation": "bilinear", "mean": (0.5,) * 3,
-                "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "squash"}
+        pre: Dict[str, Any] = getattr(adapter, "preprocessing", {})
+        return {"input_size": (config.num_channels, int(h), int(w)), **pre}
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config(model=model)

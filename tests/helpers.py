@@ -438,6 +438,8 @@ FAMILIES: Dict[str, Callable[[], torch.nn.Module]] = {
     "hf_deit_teacher": lambda: _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=192),
     "hf_dinov2": lambda: _dinov2(),
     "hf_dinov2_swiglu": lambda: _dinov2(use_swiglu_ffn=True),
+    "hf_dinov2_registers": lambda: _hf("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig",
+                                       mlp_ratio=4, layerscale_value=0.1, drop_path_rate=0.0, num_register_tokens=2),
 }
 
 

@@ -5,7 +5,7 @@ not copied), sharing no code with ``captum_vit``. Every function works ONE IMAGE
 the attention out by hand (unfused) and only calls the model's own sub-modules (norms, linears,
 activations, layer scales, patch embedding). Each returns ``[B, gh*gw]``: the [class] row
 (query 0) over the patch keys, the ``P`` prefix tokens (timm ``model.num_prefix_tokens``;
-1 for Hugging Face) dropped from the key axis.
+1 for Hugging Face ViT, 2 for Hugging Face DeiT: [class] + distillation) dropped from the key axis.
 
 * :func:`rollout` -- Abnar & Zuidema 2020 as in jacobgil/vit-explain ``vit_rollout.py``.
 * :func:`raw_attention` -- last layer, mean over heads.
@@ -106,10 +106,16 @@ class _Block:
         return h2 + m, rec
 
 
+def _hf_base(model):
+    """The encoder of a Hugging Face classifier (``model.vit``, ``model.deit``)."""
+    return getattr(model, model.base_model_prefix)
+
+
 def _anatomy(model):
     timm = _is_timm(model)
-    blocks = model.blocks if timm else model.vit.layers
-    return timm, [_Block(b, timm) for b in blocks], (model.num_prefix_tokens if timm else 1)
+    blocks = model.blocks if timm else _hf_base(model).layers
+    P = model.num_prefix_tokens if timm else (2 if model.config.model_type == "deit" else 1)
+    return timm, [_Block(b, timm) for b in blocks], P
 
 
 def _tokens(model, x):
@@ -117,11 +123,11 @@ def _tokens(model, x):
     if _is_timm(model):
         h = model._pos_embed(model.patch_embed(x))
         return model.norm_pre(model.patch_drop(h))
-    return model.vit.embeddings(x)
+    return _hf_base(model).embeddings(x)
 
 
 def _final_norm(model):
-    return model.norm if _is_timm(model) else model.vit.layernorm
+    return model.norm if _is_timm(model) else _hf_base(model).layernorm
 
 
 def _logits_from_normed(model, z):
@@ -301,6 +307,8 @@ def _check_lrp_supported(model):
         for blk in model.blocks:
             if type(blk).__name__ != "Block" or not isinstance(blk.attn.norm, torch.nn.Identity):
                 raise NotImplementedError(type(blk).__name__)
+    elif not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        raise NotImplementedError(f"reference LRP covers one linear head on [class] only, not {type(model).__name__}")
 
 
 def transformer_attribution(model, x, targets, start_layer=0, final_norm_eps=1e-5):

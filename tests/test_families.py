@@ -20,16 +20,25 @@ TARGETS = [1, 4, 7]
 FAMILY_QUERY = {
     "vit_gap": "pooled",
     "vit_map": "pooled",
+    "hf_deit": "class",
+    "hf_deit_teacher": "class",
+    "hf_dinov2": "pooled",
+    "hf_dinov2_swiglu": "pooled",
+    "hf_dinov2_registers": "pooled",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
     "vit_gap": {"lrp": "[class] token"},
     "vit_map": {"lrp": "[class] token"},
+    "hf_deit_teacher": {"lrp": "averages several heads"},
+    "hf_dinov2": {"lrp": "[class] token"},
+    "hf_dinov2_swiglu": {"lrp": "[class] token"},
+    "hf_dinov2_registers": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = []
+ONE_TOKEN = ["hf_deit", "hf_deit_teacher"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

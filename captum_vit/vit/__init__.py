@@ -38,6 +38,8 @@ from captum_vit.vit.base import (
 # Each adapter module registers its class on import; the registry asks them in this order.
 from captum_vit.vit.timm import TimmViTAdapter  # isort: skip
 from captum_vit.vit.hf import HFViTAdapter  # isort: skip
+from captum_vit.vit.hf_deit import HFDeiTAdapter  # isort: skip
+from captum_vit.vit.hf_dinov2 import HFDinov2Adapter  # isort: skip
 from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
     "GluMlp",
     "HeadParts",
     "HeadTrace",
+    "HFDeiTAdapter",
+    "HFDinov2Adapter",
     "HFViTAdapter",
     "Mlp",
     "MlpParts",

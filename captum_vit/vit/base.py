@@ -773,10 +773,12 @@ class ViTAdapter:
                 "row of the attention does not exist: row 0 is the top-left patch's"
             )
         if self.pooling not in ("token", "token_distill"):
+            what = {"token+avg": " (the [class] token concatenated with the mean of the patch tokens)"}.get(
+                self.pooling, "")
             return False, (
-                f"the model's head pools tokens with {self.pooling!r} instead of reading the [class] token alone, so "
-                "the [class]-query row is not what the model classifies (and receives no gradient from the other "
-                "tokens when attention inputs are detached, the AGCAM definition)"
+                f"the model's head pools tokens with {self.pooling!r}{what} instead of reading the [class] token "
+                "alone, so the [class]-query row is not what the model classifies (and receives no gradient from the "
+                "other tokens when attention inputs are detached, the AGCAM definition)"
             )
         return True, ""
 
@@ -903,6 +905,14 @@ class ViTAdapter:
 
                     for blk in self.blocks:
                         handles.append(blk.register_forward_pre_hook(record_input))
+                if req.query_weights:
+                    # the head's weights over the query rows, from the final norm's output as the head reads it
+
+                    def record_weights(_m, _args, out):
+                        if threading.get_ident() == owner:
+                            rec.query_weights = self.head.query_weights(out)
+
+                    handles.append(self.head.norm.register_forward_hook(record_weights))
                 yield
             finally:
                 for h in handles:

@@ -1,9 +1,16 @@
-"""Hugging Face ``ViTForImageClassification`` (transformers >= 5) by its parts."""
+"""Hugging Face image classifiers (transformers >= 5) by their parts: the shared base, ``ViTForImageClassification``.
+
+Every transformers ViT-like classifier keeps its encoder under ``model.<base_model_prefix>``
+(``vit``, ``deit``, ``dinov2``, ...), its layers at ``.layers`` (or ``.encoder.layer``), the
+final norm at ``.layernorm`` and attention modules with separate ``q_proj``/``k_proj``/``v_proj``
+and ``o_proj``. :class:`HFAdapter` reads all of that once; a family's adapter says only what
+differs: its prefix tokens, its block parts when they are not ViT's, its head, its input sizes.
+"""
 
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,14 +28,22 @@ from captum_vit.vit.base import (
 )
 from captum_vit.vit.registry import register_adapter
 
-__all__ = ["HFViTAdapter", "is_hf_vit"]
+__all__ = ["HFAdapter", "HFViTAdapter", "hf_attention_parts", "is_hf_vit", "IMAGENET_PREPROCESSING"]
 
 
 def is_hf_vit(model: nn.Module) -> bool:
     return type(model).__name__ == "ViTForImageClassification"
 
 
-def _attention_parts(a: Any) -> AttentionParts:  # a transformers ViTAttention
+#: The eval preprocessing of checkpoints normalised with the ImageNet mean and std and centre-cropped
+#: from a resize to 256 / 224 of the input size, bicubic (DeiT's and DINOv2's image processors).
+IMAGENET_PREPROCESSING: Dict[str, Any] = {
+    "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+def hf_attention_parts(a: Any) -> AttentionParts:  # a transformers ViTAttention (DeiT's, DINOv2's alike)
     return AttentionParts(
         num_heads=a.num_attention_heads if hasattr(a, "num_attention_heads") else a.config.num_attention_heads,
         head_dim=a.head_dim,
@@ -40,76 +55,131 @@ def _attention_parts(a: Any) -> AttentionParts:  # a transformers ViTAttention
     )
 
 
-@register_adapter
-class HFViTAdapter(ViTAdapter):
+def _pair(value: Any) -> Tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class HFAdapter(ViTAdapter):
+    """What every transformers ViT-like classifier shares; a family subclass names its classes and its head.
+
+    Subclass hooks: :attr:`model_classes`, :attr:`preprocessing`, :meth:`_prefix_tokens`,
+    :meth:`_block_parts` (ViT's pre-norm layer by default), :meth:`_head`, and :meth:`_check_size`
+    (the fixed ``config.image_size`` by default).
+    """
+
     library = "transformers"
-    family = "Hugging Face ViTForImageClassification"
-    # transformers' ViTForImageClassification and its layers: their attributes (vit, config, attention,
-    # ...) are transformers', which nn.Module's typing cannot see
+    #: the transformers class names this adapter describes.
+    model_classes: Tuple[str, ...] = ()
+    #: the eval preprocessing of the family's checkpoints (their image processor's defaults) as the
+    #: keys of a timm data config besides ``input_size``, which is ``config.image_size``.
+    preprocessing: Dict[str, Any] = {
+        "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "squash",
+    }
+    # transformers' models, layers and attention modules: their attributes (config, attention,
+    # layernorm, ...) are transformers', which nn.Module's typing cannot see
     model: Any
+    backbone: Any
     blocks: List[Any]
     attentions: List[Any]
     config: Any
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return is_hf_vit(model)
+        return type(model).__name__ in cls.model_classes
 
     def __init__(self, model: nn.Module):
-        vit = getattr(model, "vit", None)
-        layers = getattr(vit, "layers", None)
-        if layers is None and vit is not None and hasattr(vit, "encoder"):
-            layers = getattr(vit.encoder, "layer", None)
-        if layers is None or not hasattr(model, "classifier"):
-            raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face ViTForImageClassification")
+        name = type(model).__name__
+        hf: Any = model  # its attributes are transformers', which nn.Module's typing cannot see
+        prefix = getattr(hf, "base_model_prefix", "")
+        backbone = getattr(hf, prefix, None) if prefix else None
+        layers = getattr(backbone, "layers", None)
+        if layers is None and backbone is not None and hasattr(backbone, "encoder"):
+            layers = getattr(backbone.encoder, "layer", None)
+        if layers is None or not hasattr(backbone, "embeddings") or not hasattr(backbone, "layernorm"):
+            raise UnsupportedModelError(
+                f"{name} has no encoder layers at .{prefix or '<base_model_prefix>'}.layers (or .encoder.layer) "
+                "with embeddings and a final layernorm: captum-vit reads the layout of transformers >= 5"
+            )
         self.model = self.wrapper = model
+        self.backbone = backbone
+        self.config = cfg = hf.config
         self.blocks = list(layers)
         self.attentions = []
         for i, layer in enumerate(self.blocks):
-            a = layer.attention
+            a = getattr(layer, "attention", None)
             if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
                 raise UnsupportedModelError(
                     f"layer {i}'s attention ({type(a).__name__}) has no q_proj/k_proj/v_proj/o_proj: this "
-                    "transformers version's ViT layout is not supported (captum-vit reads transformers >= 5)"
+                    f"transformers version's {name} layout is not supported (captum-vit reads transformers >= 5)"
                 )
             self.attentions.append(a)
-        hf: Any = model  # its attributes are transformers', which nn.Module's typing cannot see
-        cfg = hf.config
-        self.config = cfg
         self.num_heads = cfg.num_attention_heads
         self.head_dim = self.attentions[0].head_dim
         self.embed_dim = cfg.hidden_size
-        self.num_prefix_tokens = 1
-        self.has_class_token = True
-        self.pooling = "token"
-        ps = cfg.patch_size
-        self.patch_size = (ps, ps) if isinstance(ps, int) else tuple(ps)
+        self.patch_size = _pair(cfg.patch_size)
         self.in_chans = cfg.num_channels
-        self.parts = [
-            BlockParts(
-                norm1=layer.layernorm_before,
-                attn=_attention_parts(layer.attention),
-                norm2=layer.layernorm_after,
-                mlp=Mlp(fc1=layer.mlp.fc1, act=layer.mlp.activation_fn, fc2=layer.mlp.fc2),
-            )
-            for layer in self.blocks
-        ]
+        self.has_class_token = True
+        self.num_prefix_tokens = self._prefix_tokens()
+        parts: List[BlockParts] = []
         self.parts_missing = ""
-        self.head = HeadParts(norm=hf.vit.layernorm, pooling="token", tokens=((0, hf.classifier),))
+        for i, layer in enumerate(self.blocks):
+            block, why = self._block_parts(layer)
+            if block is None:
+                self.parts_missing = f"layer {i}: {why}"
+                break
+            parts.append(block)
+        self.parts = None if self.parts_missing else parts
+        self.head = self._head()
+        self.pooling = self.head.pooling
 
+    # ----------------------------------------------------------------- family hooks
+    def _prefix_tokens(self) -> int:
+        """[class] and any other tokens before the patch tokens."""
+        return 1
+
+    def _block_parts(self, layer: Any) -> Tuple[Optional[BlockParts], str]:
+        """A pre-norm ViT layer (``layernorm_before``, ``attention``, ``layernorm_after``, ``mlp``), or ``(None, why)``.
+
+        The default: ViT's and DeiT's layers are the same.
+        """
+        mlp: Any = getattr(layer, "mlp", None)
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1", "fc2")) or not hasattr(
+            mlp, "activation_fn"
+        ):
+            return None, f"its MLP ({type(mlp).__name__}) is not fc1 -> activation_fn -> fc2"
+        return BlockParts(
+            norm1=layer.layernorm_before,
+            attn=hf_attention_parts(layer.attention),
+            norm2=layer.layernorm_after,
+            mlp=Mlp(fc1=mlp.fc1, act=mlp.activation_fn, fc2=mlp.fc2),
+        ), ""
+
+    def _head(self) -> HeadParts:
+        raise NotImplementedError
+
+    def _classifier(self, attr: str) -> nn.Linear:
+        """The linear head ``model.<attr>``; refused when the model was built without one (``num_labels=0``)."""
+        head = getattr(self.model, attr, None)
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}.{attr} is {type(head).__name__}, not a linear classifier (a model built "
+                "with num_labels=0 has no classes to explain); build it with num_labels > 0"
+            )
+        return head
+
+    # ----------------------------------------------------------------- library hooks
     @property
     def num_classes(self) -> int:
-        return self.model.config.num_labels
+        return self.config.num_labels
 
     def embed(self, images: Tensor) -> Tensor:
-        return self.model.vit.embeddings(images)
+        return self.backbone.embeddings(images)
 
     def _model_logits(self, images: Tensor) -> Tensor:
         return self.model(pixel_values=images).logits
 
     def _check_size(self, h: int, w: int) -> None:
-        s = self.config.image_size
-        s = (s, s) if isinstance(s, int) else tuple(s)
+        s = _pair(self.config.image_size)
         if (h, w) != s:
             raise ValueError(
                 f"input size {h}x{w} does not match the model's input size {s[0]}x{s[1]} (config.image_size); "
@@ -125,11 +195,21 @@ class HFViTAdapter(ViTAdapter):
                 raise ValueError("captum-vit explains unmasked self-attention; got an attention mask")
             if req.detach:
                 hidden_states = hidden_states.detach()
-            parts = _attention_parts(mod)
+            parts = hf_attention_parts(mod)
             q, k, v = parts.project(hidden_states)
+            # transformers applies its attention dropout functionally, from a float rate
             p = mod.attention_dropout if mod.training else 0.0
             out = attention_core(q, k, v, parts.scale, rec, req, (lambda a: F.dropout(a, p, True)) if p else None)
             weights = rec.attention[-1] if req.attention != "none" else None
             return parts.output(out.transpose(1, 2).flatten(2)), weights
 
         return types.MethodType(forward, attn)
+
+
+@register_adapter
+class HFViTAdapter(HFAdapter):
+    family = "Hugging Face ViTForImageClassification"
+    model_classes = ("ViTForImageClassification",)
+
+    def _head(self) -> HeadParts:
+        return HeadParts(norm=self.backbone.layernorm, pooling="token", tokens=((0, self._classifier("classifier")),))
