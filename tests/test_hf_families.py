@@ -15,9 +15,9 @@ import dataclasses
 import warnings
 
 import pytest
-import reference_families as ref
 import torch
 
+import reference_families as ref
 import reference_methods as ref_methods
 from helpers import _state, family_input, make_family, one_thread
 
