@@ -20,16 +20,24 @@ TARGETS = [1, 4, 7]
 FAMILY_QUERY = {
     "vit_gap": "pooled",
     "vit_map": "pooled",
+    "eva_cls": "class",
+    "eva_packed": "class",
+    "eva02_avg": "pooled",
+    "pe_core_map": "pooled",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
     "vit_gap": {"lrp": "[class] token"},
     "vit_map": {"lrp": "[class] token"},
+    "eva_cls": {"lrp": "rotary"},
+    "eva_packed": {"lrp": "rotary"},
+    "eva02_avg": {"lrp": "[class] token"},
+    "pe_core_map": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = []
+ONE_TOKEN = ["eva_cls", "eva_packed"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 
