@@ -25,6 +25,10 @@ FAMILY_QUERY = {
     "hf_dinov2": "pooled",
     "hf_dinov2_swiglu": "pooled",
     "hf_dinov2_registers": "pooled",
+    "eva_cls": "class",
+    "eva_packed": "class",
+    "eva02_avg": "pooled",
+    "pe_core_map": "pooled",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
@@ -35,10 +39,14 @@ REFUSED = {
     "hf_dinov2": {"lrp": "[class] token"},
     "hf_dinov2_swiglu": {"lrp": "[class] token"},
     "hf_dinov2_registers": {"lrp": "[class] token"},
+    "eva_cls": {"lrp": "rotary"},
+    "eva_packed": {"lrp": "rotary"},
+    "eva02_avg": {"lrp": "[class] token"},
+    "pe_core_map": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = ["hf_deit", "hf_deit_teacher"]
+ONE_TOKEN = ["hf_deit", "hf_deit_teacher", "eva_cls", "eva_packed"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

@@ -37,6 +37,7 @@ from captum_vit.vit.base import (
 
 # Each adapter module registers its class on import; the registry asks them in this order.
 from captum_vit.vit.timm import TimmViTAdapter  # isort: skip
+from captum_vit.vit.eva import TimmEvaAdapter  # isort: skip
 from captum_vit.vit.hf import HFViTAdapter  # isort: skip
 from captum_vit.vit.hf_deit import HFDeiTAdapter  # isort: skip
 from captum_vit.vit.hf_dinov2 import HFDinov2Adapter  # isort: skip
@@ -58,6 +59,7 @@ __all__ = [
     "MlpParts",
     "Record",
     "Request",
+    "TimmEvaAdapter",
     "TimmViTAdapter",
     "UnsupportedModelError",
     "ViTAdapter",
