@@ -11,9 +11,9 @@ timm 1.0.16).
 
 import numpy as np
 import pytest
-import reference_families as ref
 import torch
 
+import reference_families as ref
 from helpers import _close, _eva, _state, family_input, make_family, one_thread
 
 TARGETS = [1, 4, 7]
