@@ -18,18 +18,28 @@ TARGETS = [1, 4, 7]
 
 #: family -> the query rows the methods read on it (``"class"``: a [class]-token head).
 FAMILY_QUERY = {
+    "beit_cls": "class",
+    "beit_avg": "pooled",
+    "relpos_cls": "class",
+    "relpos_avg": "pooled",
+    "relpos_shared": "class",
     "vit_gap": "pooled",
     "vit_map": "pooled",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
+    "beit_cls": {"lrp": "relative-position bias"},
+    "beit_avg": {"lrp": "[class] token"},
+    "relpos_cls": {"lrp": "relative-position bias"},
+    "relpos_avg": {"lrp": "[class] token"},
+    "relpos_shared": {"lrp": "relative-position bias"},
     "vit_gap": {"lrp": "[class] token"},
     "vit_map": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = []
+ONE_TOKEN = ["beit_cls", "relpos_cls", "relpos_shared"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

@@ -38,6 +38,8 @@ from captum_vit.vit.base import (
 # Each adapter module registers its class on import; the registry asks them in this order.
 from captum_vit.vit.timm import TimmViTAdapter  # isort: skip
 from captum_vit.vit.hf import HFViTAdapter  # isort: skip
+from captum_vit.vit.beit import TimmBeitAdapter  # isort: skip
+from captum_vit.vit.relpos import TimmRelPosAdapter  # isort: skip
 from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
@@ -54,6 +56,8 @@ __all__ = [
     "MlpParts",
     "Record",
     "Request",
+    "TimmBeitAdapter",
+    "TimmRelPosAdapter",
     "TimmViTAdapter",
     "UnsupportedModelError",
     "ViTAdapter",
