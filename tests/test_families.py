@@ -18,6 +18,11 @@ TARGETS = [1, 4, 7]
 
 #: family -> the query rows the methods read on it (``"class"``: a [class]-token head).
 FAMILY_QUERY = {
+    "beit_cls": "class",
+    "beit_avg": "pooled",
+    "relpos_cls": "class",
+    "relpos_avg": "pooled",
+    "relpos_shared": "class",
     "vit_gap": "pooled",
     "vit_map": "pooled",
     "hf_deit": "class",
@@ -33,6 +38,11 @@ FAMILY_QUERY = {
 
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
+    "beit_cls": {"lrp": "relative-position bias"},
+    "beit_avg": {"lrp": "[class] token"},
+    "relpos_cls": {"lrp": "relative-position bias"},
+    "relpos_avg": {"lrp": "[class] token"},
+    "relpos_shared": {"lrp": "relative-position bias"},
     "vit_gap": {"lrp": "[class] token"},
     "vit_map": {"lrp": "[class] token"},
     "hf_deit_teacher": {"lrp": "averages several heads"},
@@ -46,7 +56,7 @@ REFUSED = {
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = ["hf_deit", "hf_deit_teacher", "eva_cls", "eva_packed"]
+ONE_TOKEN = ["hf_deit", "hf_deit_teacher", "eva_cls", "eva_packed", "beit_cls", "relpos_cls", "relpos_shared"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

@@ -41,6 +41,8 @@ from captum_vit.vit.eva import TimmEvaAdapter  # isort: skip
 from captum_vit.vit.hf import HFViTAdapter  # isort: skip
 from captum_vit.vit.hf_deit import HFDeiTAdapter  # isort: skip
 from captum_vit.vit.hf_dinov2 import HFDinov2Adapter  # isort: skip
+from captum_vit.vit.beit import TimmBeitAdapter  # isort: skip
+from captum_vit.vit.relpos import TimmRelPosAdapter  # isort: skip
 from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
@@ -60,6 +62,8 @@ __all__ = [
     "Record",
     "Request",
     "TimmEvaAdapter",
+    "TimmBeitAdapter",
+    "TimmRelPosAdapter",
     "TimmViTAdapter",
     "UnsupportedModelError",
     "ViTAdapter",
