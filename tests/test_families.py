@@ -9,9 +9,9 @@ are not defined refuse before any compute, naming what works, and leave the mode
 
 import numpy as np
 import pytest
+import reference_families as ref
 import torch
 
-import reference_families as ref
 from helpers import _state, family_input, make_family, one_thread
 
 TARGETS = [1, 4, 7]
@@ -20,16 +20,19 @@ TARGETS = [1, 4, 7]
 FAMILY_QUERY = {
     "vit_gap": "pooled",
     "vit_map": "pooled",
+    "naflex": "pooled",
+    "naflex_cls": "class",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
     "vit_gap": {"lrp": "[class] token"},
     "vit_map": {"lrp": "[class] token"},
+    "naflex": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = []
+ONE_TOKEN = ["naflex_cls"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

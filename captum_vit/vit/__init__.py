@@ -38,6 +38,7 @@ from captum_vit.vit.base import (
 # Each adapter module registers its class on import; the registry asks them in this order.
 from captum_vit.vit.timm import TimmViTAdapter  # isort: skip
 from captum_vit.vit.hf import HFViTAdapter  # isort: skip
+from captum_vit.vit.naflex import NaFlexVitAdapter  # isort: skip
 from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "HFViTAdapter",
     "Mlp",
     "MlpParts",
+    "NaFlexVitAdapter",
     "Record",
     "Request",
     "TimmViTAdapter",

@@ -903,6 +903,14 @@ class ViTAdapter:
 
                     for blk in self.blocks:
                         handles.append(blk.register_forward_pre_hook(record_input))
+                if req.query_weights:
+                    # the model's own head runs here: its weights are read off the final norm's output
+
+                    def record_weights(_m, _args, out):
+                        if threading.get_ident() == owner:
+                            rec.query_weights = self.head.query_weights(out)
+
+                    handles.append(self.head.norm.register_forward_hook(record_weights))
                 yield
             finally:
                 for h in handles:
