@@ -9,9 +9,9 @@ are not defined refuse before any compute, naming what works, and leave the mode
 
 import numpy as np
 import pytest
-import reference_families as ref
 import torch
 
+import reference_families as ref
 from helpers import _state, family_input, make_family, one_thread
 
 TARGETS = [1, 4, 7]

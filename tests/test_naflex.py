@@ -13,9 +13,9 @@ import warnings
 
 import numpy as np
 import pytest
-import reference_families as ref
 import torch
 
+import reference_families as ref
 from helpers import _close, _naflex, _state, family_input, make_family, one_thread, raise_inside_block_1_mlp
 
 TARGETS = [1, 4, 7]

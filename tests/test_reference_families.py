@@ -4,11 +4,11 @@ references on the models the package supports today, and checked to sit on every
 from functools import cache
 
 import pytest
-import reference_families as R
 import torch
 import torch.nn.functional as F
 
 import reference as ref_agcam
+import reference_families as R
 import reference_methods as ref_methods
 from helpers import FAMILIES, _close, _state, family_input, input_for, make_family, make_hf, make_timm, one_thread
 
