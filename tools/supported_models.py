@@ -59,8 +59,9 @@ DESCRIPTIONS: Dict[str, Family] = {
     "scale_norm": Family("timm `VisionTransformer`, `scale_attn_norm=True`", "-"),
     "respost": Family("timm `VisionTransformer`, post-norm `ResPostBlock`", "-"),
     "hf": Family("Hugging Face `ViTForImageClassification`", "`google/vit-base-patch16-224`"),
-    "eva_cls": Family("timm `Eva`, rotary + SwiGLU, [class] token", "`Eva(global_pool='token')`"),
-    "eva_packed": Family("timm `Eva`, rotary + packed SwiGLU, [class] token", "`Eva(scale_mlp=False)`"),
+    "eva_cls": Family("timm `Eva`, rotary + SwiGLU, [class] token", "like `vit_base_patch16_rope_224`"),
+    "eva_packed": Family("timm `Eva`, rotary + packed SwiGLU, [class] token",
+                         "`Eva(swiglu_mlp=True, scale_mlp=False)`"),
     "eva02_avg": Family("timm `Eva` (EVA02), average pooling", "`eva02_base_patch14_448`"),
     "pe_core_map": Family("timm `Eva` (Perception Encoder), MAP head", "`vit_pe_core_base_patch16_224`"),
     "beit_cls": Family("timm `Beit`, relative position bias, [class] token", "`Beit(global_pool='token')`"),
@@ -79,6 +80,7 @@ DESCRIPTIONS: Dict[str, Family] = {
     "hf_dinov2": Family("Hugging Face `Dinov2ForImageClassification`", "`facebook/dinov2-small-imagenet1k-1-layer`"),
     "hf_dinov2_swiglu": Family("Hugging Face `Dinov2ForImageClassification`, SwiGLU",
                                "`facebook/dinov2-giant-imagenet1k-1-layer`"),
+    "hf_dinov2_registers": Family("Hugging Face `Dinov2WithRegistersForImageClassification`", "-"),
 }
 
 HEADER = ("| family | models like | pooling | methods that work | AGCAM engine | ONNX (AGCAM) |\n"

@@ -904,7 +904,7 @@ class ViTAdapter:
                     for blk in self.blocks:
                         handles.append(blk.register_forward_pre_hook(record_input))
                 if req.query_weights:
-                    # the model's own head runs here: its weights are read off the final norm's output
+                    # the head's weights over the query rows, from the final norm's output as the head reads it
 
                     def record_weights(_m, _args, out):
                         if threading.get_ident() == owner:
