@@ -372,13 +372,14 @@ def _vit(**kw):
     return _finish(lambda: ViT(**args))
 
 
-def _naflex():
+def _naflex(**overrides):
     NaFlexVit = _timm_class("timm.models.naflexvit", "NaFlexVit")
     Cfg = _timm_class("timm.models.naflexvit", "NaFlexVitCfg")
     t = FAMILY_TINY
     # like naflexvit_base_patch16_map: one register token, MAP head (over the patch tokens only)
     kw = dict(patch_size=t["patch_size"], embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
               init_values=0.1, global_pool="map", reg_tokens=1, pos_embed_grid_size=(8, 8))
+    kw.update(overrides)
     missing = sorted(set(kw) - set(Cfg.__dataclass_fields__))
     if missing:
         import timm
@@ -434,6 +435,8 @@ FAMILIES: Dict[str, Callable[[], torch.nn.Module]] = {
     # SigLIP-style: no [class] token, MAP attention-pooling head
     "vit_map": lambda: _vit(class_token=False, global_pool="map"),
     "naflex": _naflex,
+    # the [class]-token NaFlexVit: token pooling, its register token kept
+    "naflex_cls": lambda: _naflex(global_pool="token", class_token=True),
     "hf_deit": lambda: _hf("DeiTForImageClassification", "DeiTConfig", intermediate_size=192),
     "hf_deit_teacher": lambda: _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=192),
     "hf_dinov2": lambda: _dinov2(),

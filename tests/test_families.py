@@ -34,6 +34,8 @@ FAMILY_QUERY = {
     "eva_packed": "class",
     "eva02_avg": "pooled",
     "pe_core_map": "pooled",
+    "naflex": "pooled",
+    "naflex_cls": "class",
 }
 
 #: family -> methods that refuse it (with the reason the message must contain).
@@ -53,10 +55,12 @@ REFUSED = {
     "eva_packed": {"lrp": "rotary"},
     "eva02_avg": {"lrp": "[class] token"},
     "pe_core_map": {"lrp": "[class] token"},
+    "naflex": {"lrp": "[class] token"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
-ONE_TOKEN = ["hf_deit", "hf_deit_teacher", "eva_cls", "eva_packed", "beit_cls", "relpos_cls", "relpos_shared"]
+ONE_TOKEN = ["hf_deit", "hf_deit_teacher", "eva_cls", "eva_packed", "beit_cls", "relpos_cls", "relpos_shared",
+             "naflex_cls"]
 
 FAMILIES = sorted(FAMILY_QUERY)
 

@@ -43,6 +43,7 @@ from captum_vit.vit.hf_deit import HFDeiTAdapter  # isort: skip
 from captum_vit.vit.hf_dinov2 import HFDinov2Adapter  # isort: skip
 from captum_vit.vit.beit import TimmBeitAdapter  # isort: skip
 from captum_vit.vit.relpos import TimmRelPosAdapter  # isort: skip
+from captum_vit.vit.naflex import NaFlexVitAdapter  # isort: skip
 from captum_vit.vit.registry import ADAPTERS, find_adapter, matching_adapter  # isort: skip
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "HFViTAdapter",
     "Mlp",
     "MlpParts",
+    "NaFlexVitAdapter",
     "Record",
     "Request",
     "TimmEvaAdapter",

@@ -22,7 +22,16 @@ from captum_vit.vit.base import (
 )
 from captum_vit.vit.registry import register_adapter
 
-__all__ = ["TimmViTAdapter", "is_timm_vit", "timm_mlp", "map_pool_weights"]
+__all__ = [
+    "TimmViTAdapter",
+    "is_timm_vit",
+    "map_pool_weights",
+    "timm_attention_patch",
+    "timm_attentions",
+    "timm_block_parts",
+    "timm_head_parts",
+    "timm_mlp",
+]
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -82,6 +91,121 @@ def timm_mlp(mlp: Any) -> Tuple[Optional[MlpParts], str]:
     return None, f"its MLP is {kind}, not timm's Mlp, SwiGLU or GluMlp"
 
 
+def timm_attentions(blocks: List[Any]) -> List[Any]:
+    """The attention module of every block, each a ``timm.layers.Attention``, or an :class:`UnsupportedModelError`.
+
+    Shared by the adapters of timm models built from timm's ``Block`` (``VisionTransformer``,
+    ``NaFlexVit``): the patched fallback and the description both read that module's layout.
+    """
+    try:
+        from timm.layers import Attention
+    except ImportError:  # timm < 1.0.20 defines it beside VisionTransformer
+        from timm.models.vision_transformer import Attention
+
+    attentions = []
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, Attention):
+            raise UnsupportedModelError(
+                f"block {i} ({type(blk).__name__}) has attention module {type(attn).__name__}, which captum-vit "
+                "cannot read: only timm.layers.Attention (the VisionTransformer default) is supported. "
+                "Fused or custom attention modules hide the attention map; build the model with the default "
+                "attn_layer."
+            )
+        attentions.append(attn)
+    return attentions
+
+
+def timm_block_parts(blocks: List[Any]) -> Tuple[Optional[List[BlockParts]], str]:
+    """timm's pre-norm ``Block`` s by their parts, or ``(None, why not)`` (then the patched fallback runs)."""
+    from timm.models.vision_transformer import Block
+
+    parts = []
+    for i, blk in enumerate(blocks):
+        if type(blk) is not Block:
+            return None, f"block {i} is {type(blk).__name__}, not the pre-norm timm Block"
+        a: Any = blk.attn
+        mlp: Any = blk.mlp
+        if getattr(a, "gate", None) is not None:
+            return None, f"block {i}'s attention gates its output"
+        mlp_parts, why = timm_mlp(mlp)
+        if mlp_parts is None:
+            return None, f"block {i}: {why}"
+        attn = AttentionParts(
+            num_heads=a.num_heads,
+            head_dim=a.head_dim,
+            scale=a.scale,
+            proj=a.proj,
+            qkv=a.qkv,
+            q_norm=_opt(a.q_norm),
+            k_norm=_opt(a.k_norm),
+            out_norm=_opt(getattr(a, "norm", None)),
+        )
+        parts.append(
+            BlockParts(
+                norm1=blk.norm1,
+                attn=attn,
+                norm2=blk.norm2,
+                mlp=mlp_parts,
+                ls1=_gamma(blk.ls1),
+                ls2=_gamma(blk.ls2),
+            )
+        )
+    return parts, ""
+
+
+def timm_attention_patch(attn: nn.Module, rec: Record, req: Request) -> Callable:
+    """A forward for a ``timm.layers.Attention`` that records into ``rec`` (the patched fallback's).
+
+    It refuses an attention mask: captum-vit explains unmasked self-attention (the models whose
+    blocks are timm's build none for a batch of images).
+    """
+
+    def forward(mod, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("captum-vit explains unmasked self-attention; got an attention mask")
+        if req.detach:
+            x = x.detach()
+        B, N, _ = x.shape
+        parts = AttentionParts(
+            num_heads=mod.num_heads, head_dim=mod.head_dim, scale=mod.scale, proj=mod.proj, qkv=mod.qkv,
+            q_norm=mod.q_norm, k_norm=mod.k_norm, out_norm=getattr(mod, "norm", None),
+        )
+        q, k, v = parts.project(x)
+        gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
+        out = attention_core(q, k, v, mod.scale, rec, req, mod.attn_drop if mod.training else None)
+        out = out.transpose(1, 2).reshape(B, N, -1)
+        if parts.out_norm is not None:
+            out = parts.out_norm(out)
+        if gate is not None:
+            out = out * gate
+        return mod.proj_drop(mod.proj(out))
+
+    return types.MethodType(forward, attn)
+
+
+def timm_head_parts(m: Any, pooling: str, num_prefix_tokens: int) -> HeadParts:
+    """The head of a timm ViT classifier (``norm``, ``fc_norm``, ``head``, ``attn_pool``, ``forward_head``).
+
+    A [class] head (``"token"``) or DeiT's two heads (``"token_distill"``) are read token by token;
+    any other pooling runs the model's own ``forward_head`` on the normed tokens.
+    """
+    tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
+    if pooling == "token" and isinstance(m.head, nn.Linear):
+        tokens = ((0, m.head),)
+    elif pooling == "token_distill" and isinstance(m.head, nn.Linear):
+        tokens = ((0, m.head), (1, m.head_dist))
+    return HeadParts(
+        norm=m.norm,
+        pooling=pooling,
+        tokens=tokens,
+        fc_norm=_opt(getattr(m, "fc_norm", None)),
+        pooled=None if tokens else m.forward_head,
+        pool_from=0 if getattr(m, "pool_include_prefix", False) else num_prefix_tokens,
+        pool_weights=map_pool_weights(m.attn_pool) if getattr(m, "attn_pool", None) is not None else None,
+    )
+
+
 @register_adapter
 class TimmViTAdapter(ViTAdapter):
     library = "timm"
@@ -97,10 +221,6 @@ class TimmViTAdapter(ViTAdapter):
         return is_timm_vit(model)
 
     def __init__(self, model: nn.Module):
-        try:
-            from timm.layers import Attention
-        except ImportError:  # timm < 1.0.20 defines it beside VisionTransformer
-            from timm.models.vision_transformer import Attention
         from timm.models.deit import VisionTransformerDistilled
 
         if not is_timm_vit(model):
@@ -108,17 +228,7 @@ class TimmViTAdapter(ViTAdapter):
         self.model = self.wrapper = model
         vit: Any = model  # its attributes are timm's, which nn.Module's typing cannot see
         self.blocks = list(vit.blocks)
-        self.attentions = []
-        for i, blk in enumerate(self.blocks):
-            attn = getattr(blk, "attn", None)
-            if not isinstance(attn, Attention):
-                raise UnsupportedModelError(
-                    f"block {i} ({type(blk).__name__}) has attention module {type(attn).__name__}, which captum-vit "
-                    "cannot read: only timm.layers.Attention (the VisionTransformer default) is supported. "
-                    "Fused or custom attention modules hide the attention map; build the model with the default "
-                    "attn_layer."
-                )
-            self.attentions.append(attn)
+        self.attentions = timm_attentions(self.blocks)
         a0 = self.attentions[0]
         self.num_heads, self.head_dim = a0.num_heads, a0.head_dim
         self.embed_dim = vit.embed_dim
@@ -139,57 +249,10 @@ class TimmViTAdapter(ViTAdapter):
 
     # ----------------------------------------------------------------- parts
     def _describe_blocks(self) -> Tuple[Optional[List[BlockParts]], str]:
-        from timm.models.vision_transformer import Block
-
-        parts = []
-        for i, blk in enumerate(self.blocks):
-            if type(blk) is not Block:
-                return None, f"block {i} is {type(blk).__name__}, not the pre-norm timm Block"
-            a: Any = blk.attn
-            mlp: Any = blk.mlp
-            if getattr(a, "gate", None) is not None:
-                return None, f"block {i}'s attention gates its output"
-            mlp_parts, why = timm_mlp(mlp)
-            if mlp_parts is None:
-                return None, f"block {i}: {why}"
-            attn = AttentionParts(
-                num_heads=a.num_heads,
-                head_dim=a.head_dim,
-                scale=a.scale,
-                proj=a.proj,
-                qkv=a.qkv,
-                q_norm=_opt(a.q_norm),
-                k_norm=_opt(a.k_norm),
-                out_norm=_opt(getattr(a, "norm", None)),
-            )
-            parts.append(
-                BlockParts(
-                    norm1=blk.norm1,
-                    attn=attn,
-                    norm2=blk.norm2,
-                    mlp=mlp_parts,
-                    ls1=_gamma(blk.ls1),
-                    ls2=_gamma(blk.ls2),
-                )
-            )
-        return parts, ""
+        return timm_block_parts(self.blocks)
 
     def _describe_head(self) -> HeadParts:
-        m = self.model
-        tokens: Tuple[Tuple[int, nn.Linear], ...] = ()
-        if self.pooling == "token" and isinstance(m.head, nn.Linear):
-            tokens = ((0, m.head),)
-        elif self.pooling == "token_distill" and isinstance(m.head, nn.Linear):
-            tokens = ((0, m.head), (1, m.head_dist))
-        return HeadParts(
-            norm=m.norm,
-            pooling=self.pooling,
-            tokens=tokens,
-            fc_norm=_opt(getattr(m, "fc_norm", None)),
-            pooled=None if tokens else m.forward_head,
-            pool_from=0 if getattr(m, "pool_include_prefix", False) else self.num_prefix_tokens,
-            pool_weights=map_pool_weights(m.attn_pool) if getattr(m, "attn_pool", None) is not None else None,
-        )
+        return timm_head_parts(self.model, self.pooling, self.num_prefix_tokens)
 
     # ----------------------------------------------------------------- library hooks
     @property
@@ -246,24 +309,4 @@ class TimmViTAdapter(ViTAdapter):
         return tuple(self.model.patch_embed.dynamic_feat_size((h, w)))
 
     def _patch_attention(self, attn: nn.Module, rec: Record, req: Request) -> Callable:
-        def forward(mod, x, attn_mask=None, is_causal=False):
-            if attn_mask is not None or is_causal:
-                raise ValueError("captum-vit explains unmasked self-attention; got an attention mask")
-            if req.detach:
-                x = x.detach()
-            B, N, _ = x.shape
-            parts = AttentionParts(
-                num_heads=mod.num_heads, head_dim=mod.head_dim, scale=mod.scale, proj=mod.proj, qkv=mod.qkv,
-                q_norm=mod.q_norm, k_norm=mod.k_norm, out_norm=getattr(mod, "norm", None),
-            )
-            q, k, v = parts.project(x)
-            gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
-            out = attention_core(q, k, v, mod.scale, rec, req, mod.attn_drop if mod.training else None)
-            out = out.transpose(1, 2).reshape(B, N, -1)
-            if parts.out_norm is not None:
-                out = parts.out_norm(out)
-            if gate is not None:
-                out = out * gate
-            return mod.proj_drop(mod.proj(out))
-
-        return types.MethodType(forward, attn)
+        return timm_attention_patch(attn, rec, req)
