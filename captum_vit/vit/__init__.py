@@ -1,11 +1,17 @@
 """The one package that knows Vision Transformer internals.
 
-:func:`adapt` describes a timm ``VisionTransformer`` (also DeiT distilled, register-token and
-``dynamic_img_size`` variants) or a Hugging Face ``ViTForImageClassification`` by its parts
-(:class:`BlockParts`) and returns a :class:`ViTAdapter` whose :meth:`~ViTAdapter.forward`
-runs one pure forward pass over them, recording what the attribution methods ask for
-(:class:`Request`, :class:`Record`). Nothing outside this package reads timm or transformers
-internals.
+:func:`adapt` describes a ViT classifier by its parts (:class:`BlockParts` of
+:class:`AttentionParts`, :class:`MlpParts` and layer scales, and :class:`HeadParts`) and returns
+a :class:`ViTAdapter` whose :meth:`~ViTAdapter.forward` runs one pure forward pass over them,
+recording what the attribution methods ask for (:class:`Request`, :class:`Record`). Nothing
+outside this package reads timm or transformers internals.
+
+Each family is one adapter module that registers its class (:mod:`captum_vit.vit.registry`):
+timm ``VisionTransformer`` (DeiT distilled, registers, ``dynamic_img_size``, gap and MAP heads),
+``Eva`` (EVA, EVA02, PE-core: rotary q/k, SwiGLU), ``Beit`` and ``VisionTransformerRelPos``
+(relative-position bias), ``NaFlexVit``; Hugging Face ``ViTForImageClassification``,
+``DeiTForImageClassification`` (with teacher) and ``Dinov2ForImageClassification`` (with
+registers). A new family needs an adapter file and its import below, no edit elsewhere.
 
 Wrappers: an ``nn.Sequential`` holding exactly one supported ViT (preprocessing before it,
 output transforms after it) and a ``torch.compile`` wrapper (``OptimizedModule``) are explained

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_scale, linear_vjp, norm_kind, norm_vjp
 
@@ -547,6 +548,30 @@ def attention_core(
 
 
 # --------------------------------------------------------------------------- the adapter
+class _ParametersAsConstants(TorchFunctionMode):
+    """Every ``nn.Parameter`` a torch function receives is passed on detached.
+
+    The explanations differentiate with respect to attention maps and tokens, never weights.
+    Autograd saves an operation's inputs only for the gradients it may compute, so with the
+    weights out of the graph a linear layer no longer keeps its input for a weight gradient,
+    and the backward computes no weight gradients: the memory of a gradient method falls to
+    that of the activations it needs. A torch function mode is confined to the calling thread
+    and changes no module, so other threads (training, say) see the parameters as they are.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, nn.Parameter) for a in args) or any(isinstance(v, nn.Parameter) for v in kwargs.values()):
+            args = tuple(a.detach() if isinstance(a, nn.Parameter) else a for a in args)
+            kwargs = {k: v.detach() if isinstance(v, nn.Parameter) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def parameters_as_constants() -> contextlib.AbstractContextManager:
+    """Within it, on this thread, autograd treats every parameter as a constant (a no-op when grad is off)."""
+    return _ParametersAsConstants() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -826,17 +851,18 @@ class ViTAdapter:
         every rate 0); otherwise the serialised patched fallback.
         Returns a :class:`Record` whose ``logits`` are the wrapper's output.
         """
-        x = self.vit_input(inputs)
-        if self.pre:
-            self._check_vit_input(x)
-        grid = self._grid(*x.shape[-2:])
-        rec = Record(grid=grid, context=self.context(grid))
-        if self.parts is not None and not self.active_randomness():
-            logits = self._pure_forward(x, rec, request)
-        else:
-            logits = self._patched_forward(x, rec, request)
-        for m in self.post:
-            logits = m(logits)
+        with parameters_as_constants():
+            x = self.vit_input(inputs)
+            if self.pre:
+                self._check_vit_input(x)
+            grid = self._grid(*x.shape[-2:])
+            rec = Record(grid=grid, context=self.context(grid))
+            if self.parts is not None and not self.active_randomness():
+                logits = self._pure_forward(x, rec, request)
+            else:
+                logits = self._patched_forward(x, rec, request)
+            for m in self.post:
+                logits = m(logits)
         rec.logits = logits
         return rec
 
@@ -873,9 +899,10 @@ class ViTAdapter:
         rec = Record(context=context)
         if context is not None:
             rec.grid = context.grid
-        logits = self._run_blocks(tokens, start, rec, request)
-        for m in self.post:
-            logits = m(logits)
+        with parameters_as_constants():
+            logits = self._run_blocks(tokens, start, rec, request)
+            for m in self.post:
+                logits = m(logits)
         rec.logits = logits
         return rec
 
