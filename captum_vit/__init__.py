@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AGCAM": "captum_vit.attr.agcam",
     "AttentionRollout": "captum_vit.attr.rollout",
+    "AttnLRP": "captum_vit.attr.attnlrp",
     "CDAM": "captum_vit.attr.cdam",
     "GradientAttentionRollout": "captum_vit.attr.chefer",
     "RawAttention": "captum_vit.attr.raw",

@@ -118,7 +118,7 @@ def explain(  # noqa: PLR0913 - the Python face of `captum-vit explain`: one key
     Overlays are named ``<stem>_<method>_class<c>.png`` after the image file; images whose stems
     coincide (``a/img.png``, ``b/img.png``) get distinct names (see :func:`captum_vit.viz.overlay_stems`).
     ``method`` is a short name of :data:`captum_vit.attr.METHODS` (``agcam``, ``rollout``,
-    ``lrp``, ``gae``, ``cdam``, ``raw``). Images are explained ``batch_size`` at a time.
+    ``lrp``, ``gae``, ``cdam``, ``raw``, ``attnlrp``). Images are explained ``batch_size`` at a time.
     ``query="pooled"`` makes agcam, rollout, raw and gae read the query rows as the model's head
     pools them (average- or attention-pooled ViTs; see :class:`captum_vit.AGCAM`).
 

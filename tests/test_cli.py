@@ -451,4 +451,4 @@ def test_help_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
-    assert "--methods" in proc.stdout and "{agcam,rollout,lrp,gae,cdam,raw}" in proc.stdout
+    assert "--methods" in proc.stdout and "{agcam,rollout,lrp,gae,cdam,raw,attnlrp}" in proc.stdout

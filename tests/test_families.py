@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import reference_attnlrp
 import reference_families as ref
 from helpers import _state, family_input, make_family, one_thread
 
@@ -41,21 +42,21 @@ FAMILY_QUERY = {
 #: family -> methods that refuse it (with the reason the message must contain).
 REFUSED = {
     "beit_cls": {"lrp": "relative-position bias"},
-    "beit_avg": {"lrp": "[class] token"},
+    "beit_avg": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
     "relpos_cls": {"lrp": "relative-position bias"},
-    "relpos_avg": {"lrp": "[class] token"},
+    "relpos_avg": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
     "relpos_shared": {"lrp": "relative-position bias"},
-    "vit_gap": {"lrp": "[class] token"},
-    "vit_map": {"lrp": "[class] token"},
+    "vit_gap": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
+    "vit_map": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
     "hf_deit_teacher": {"lrp": "averages several heads"},
-    "hf_dinov2": {"lrp": "[class] token"},
-    "hf_dinov2_swiglu": {"lrp": "[class] token"},
-    "hf_dinov2_registers": {"lrp": "[class] token"},
+    "hf_dinov2": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
+    "hf_dinov2_swiglu": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
+    "hf_dinov2_registers": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
     "eva_cls": {"lrp": "rotary"},
     "eva_packed": {"lrp": "rotary"},
-    "eva02_avg": {"lrp": "[class] token"},
-    "pe_core_map": {"lrp": "[class] token"},
-    "naflex": {"lrp": "[class] token"},
+    "eva02_avg": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
+    "pe_core_map": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
+    "naflex": {"lrp": "[class] token", "attnlrp": "pools the tokens"},
 }
 
 #: families whose [class]-token AGCAM runs the one-token engine and exports to ONNX.
@@ -70,6 +71,7 @@ _REFERENCES = {
     "raw": ref.raw_attention_batched,
     "gae": ref.gae_batched,
     "cdam": ref.cdam_batched,
+    "attnlrp": reference_attnlrp.attnlrp_batched,
 }
 
 
@@ -109,7 +111,7 @@ def test_method_equals_the_independent_reference(family, name):
     with one_thread():
         before = _state(model)
         got = _flat(_method(name, model, query).attribute(x, target=TARGETS))
-        kw = {"query": query} if name != "cdam" else {}
+        kw = {"query": query} if name not in ("cdam", "attnlrp") else {}
         want = _REFERENCES[name](model, x, TARGETS, **kw)
         _close(got, want)
         # one image at a time equals the batch

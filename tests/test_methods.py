@@ -274,8 +274,10 @@ CASES = {
     "cdam": lambda m: _api("CDAM")(m),
     "cdam_smooth": lambda m: _api("CDAM")(m, variant="smooth", n_samples=3),
     "cdam_integrated": lambda m: _api("CDAM")(m, variant="integrated", n_steps=4),
+    "attnlrp": lambda m: _api("AttnLRP")(m),
+    "attnlrp_softmax": lambda m: _api("AttnLRP")(m, attention_rule="attnlrp"),
 }
-TARGETED = {"gae", "transformer_attribution", "cdam", "cdam_smooth", "cdam_integrated"}
+TARGETED = {"gae", "transformer_attribution", "cdam", "cdam_smooth", "cdam_integrated", "attnlrp", "attnlrp_softmax"}
 
 
 def _call(name, method, x, target, noise=None):
@@ -305,7 +307,7 @@ def test_batched_equals_per_image(name, arch):
     _close(batched, single)
 
 
-@pytest.mark.parametrize("name", ["gae", "transformer_attribution", "cdam"])
+@pytest.mark.parametrize("name", ["gae", "transformer_attribution", "cdam", "attnlrp"])
 def test_target_none_is_predicted_class(name):
     model = _model("plain")
     x = input_for("plain", batch=3)

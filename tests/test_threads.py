@@ -31,10 +31,10 @@ def _method(name, model):
 CASES = [("agcam", arch) for arch in ("plain", "registers", "respost", "hf")] + [
     # 4 x 8 calls each on a 2-core machine: the other methods' cases are left out of the quick loop.
     pytest.param(name, arch, marks=pytest.mark.slow)
-    for name in ("agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
+    for name in ("agcam_generic", "rollout", "lrp", "gae", "cdam", "raw", "attnlrp")
     for arch in ("plain", "respost", "hf")
-    # LRP and CDAM need the block parts; the post-norm blocks run the patched fallback instead.
-    if not (arch == "respost" and name in ("lrp", "cdam"))
+    # LRP, CDAM and AttnLRP need the block parts; the post-norm blocks run the patched fallback instead.
+    if not (arch == "respost" and name in ("lrp", "cdam", "attnlrp"))
 ]
 
 

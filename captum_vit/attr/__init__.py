@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Dict, Iterator
 if TYPE_CHECKING:  # the classes are imported on first use, so that the command line's --help needs no torch
     from captum_vit.attr._base import ViTLayerAttribution, resolve_targets
     from captum_vit.attr.agcam import AGCAM
+    from captum_vit.attr.attnlrp import AttnLRP
     from captum_vit.attr.cdam import CDAM
     from captum_vit.attr.chefer import GradientAttentionRollout, TransformerAttribution
     from captum_vit.attr.raw import RawAttention
@@ -16,6 +17,7 @@ if TYPE_CHECKING:  # the classes are imported on first use, so that the command 
 _WHERE = {
     "AGCAM": "agcam",
     "AttentionRollout": "rollout",
+    "AttnLRP": "attnlrp",
     "CDAM": "cdam",
     "GradientAttentionRollout": "chefer",
     "TransformerAttribution": "chefer",
@@ -67,6 +69,7 @@ METHODS: MutableMapping[str, type] = _Registry({
     "gae": "GradientAttentionRollout",
     "cdam": "CDAM",
     "raw": "RawAttention",
+    "attnlrp": "AttnLRP",
 })
 #: the methods the ONNX export can put in a graph (forward-only computations, or AGCAM's one-token engine)
 EXPORTABLE_METHODS = ("agcam", "rollout", "raw")
@@ -77,7 +80,8 @@ def construct(cls: type, model, query: str = "class"):
 
     ``query="pooled"`` (see :class:`AGCAM`) reaches AGCAM, rollout, raw attention and GAE;
     CDAM is defined on every head and takes no query; Transformer Attribution is defined on the
-    [class] row only, so it is constructed as it is and refuses a pooled head itself.
+    [class] row only, and AttnLRP on heads read from tokens, so they are constructed as they are
+    and refuse a pooled head themselves.
     """
     import inspect
 
@@ -121,6 +125,7 @@ def resolve_methods(methods=None):
 __all__ = [
     "AGCAM",
     "AttentionRollout",
+    "AttnLRP",
     "CDAM",
     "GradientAttentionRollout",
     "EXPORTABLE_METHODS",

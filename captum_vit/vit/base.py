@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from captum_vit.vit import rules as lrp
 from captum_vit.vit.vjp import activation_kind, activation_vjp, layer_scale, linear_vjp, norm_kind, norm_vjp
 
 __all__ = [
@@ -98,9 +99,9 @@ class AttentionParts:
     score_bias: Optional[Callable[[ForwardContext, int], Optional[Tensor]]] = None
 
     def project(
-        self, x: Tensor, context: Optional[ForwardContext] = None, index: int = 0
+        self, x: Tensor, context: Optional[ForwardContext] = None, index: int = 0, rules: Optional[str] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """``q, k, v`` as ``[B, H, N, d]`` (q/k norms and the q/k transform applied)."""
+        """``q, k, v`` as ``[B, H, N, d]``, q/k norms and q/k transform applied (``rules``: see :class:`Request`)."""
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
         if self.qkv is not None:
@@ -112,7 +113,10 @@ class AttentionParts:
             q, k, v = (lin(x).reshape(B, N, H, d).transpose(1, 2) for lin in (self.q, self.k, self.v))
         if self.q_norm is not None:
             assert self.k_norm is not None  # q and k are normalised together
-            q, k = self.q_norm(q), self.k_norm(k)
+            if rules is None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q, k = lrp.norm(self.q_norm, q), lrp.norm(self.k_norm, k)
         if self.qk_transform is not None:
             assert context is not None  # a position transform needs the call's context
             q, k = self.qk_transform(q, k, context, index)
@@ -133,10 +137,10 @@ class AttentionParts:
                                ("a relative-position bias", self.score_bias)) if f is not None]
         return " and ".join(what)
 
-    def output(self, heads_out: Tensor) -> Tensor:
+    def output(self, heads_out: Tensor, rules: Optional[str] = None) -> Tensor:
         """``proj(out_norm(o))`` for the concatenated head outputs ``o`` ``[B, N, H*d]``."""
         if self.out_norm is not None:
-            heads_out = self.out_norm(heads_out)
+            heads_out = self.out_norm(heads_out) if rules is None else lrp.norm(self.out_norm, heads_out)
         return self.proj(heads_out)
 
 
@@ -156,10 +160,11 @@ class MlpParts:
     norm: Optional[nn.Module]
     fc2: nn.Linear
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.trace(x).out
+    def __call__(self, x: Tensor, rules: Optional[str] = None) -> Tensor:
+        return self.trace(x, rules).out
 
-    def trace(self, x: Tensor) -> MlpTrace:
+    def trace(self, x: Tensor, rules: Optional[str] = None) -> MlpTrace:
+        """The MLP's intermediates; ``rules`` (see :class:`Request`) changes the backward only."""
         raise NotImplementedError
 
     def vjp(self, x: Tensor, g: Tensor) -> Tensor:
@@ -170,8 +175,10 @@ class MlpParts:
         """Why :meth:`vjp` does not apply (an activation or norm without a known derivative), or ``""``."""
         raise NotImplementedError
 
-    def _hidden_out(self, a: Tensor) -> Tensor:
-        return self.fc2(self.norm(a) if self.norm is not None else a)
+    def _hidden_out(self, a: Tensor, rules: Optional[str] = None) -> Tensor:
+        if self.norm is not None:
+            a = self.norm(a) if rules is None else lrp.norm(self.norm, a)
+        return self.fc2(a)
 
     def _norm_vjp(self, a: Tensor, g: Tensor) -> Tensor:
         g = linear_vjp(self.fc2, g)
@@ -194,10 +201,10 @@ class Mlp(MlpParts):
     fc2: nn.Linear
     norm: Optional[nn.Module] = None
 
-    def trace(self, x: Tensor) -> MlpTrace:
+    def trace(self, x: Tensor, rules: Optional[str] = None) -> MlpTrace:
         h = self.fc1(x)
-        a = self.act(h)
-        return MlpTrace(self._hidden_out(a), h, a)
+        a = self.act(h) if rules is None else lrp.activation(self.act, h)
+        return MlpTrace(self._hidden_out(a, rules), h, a)
 
     def vjp(self, x: Tensor, g: Tensor) -> Tensor:
         h = self.fc1(x)
@@ -232,10 +239,10 @@ class GluMlp(MlpParts):
         assert self.fc_gate is not None and self.fc_value is not None  # no packed fc1: two layers
         return self.fc_gate(x), self.fc_value(x)
 
-    def trace(self, x: Tensor) -> MlpTrace:
+    def trace(self, x: Tensor, rules: Optional[str] = None) -> MlpTrace:
         gate, value = self._gate_value(x)
-        a = self.act(gate) * value
-        return MlpTrace(self._hidden_out(a), torch.cat([gate, value], -1), a)
+        a = self.act(gate) * value if rules is None else lrp.gate(self.act, gate, value, rules)
+        return MlpTrace(self._hidden_out(a, rules), torch.cat([gate, value], -1), a)
 
     def vjp(self, x: Tensor, g: Tensor) -> Tensor:
         gate, value = self._gate_value(x)
@@ -263,8 +270,10 @@ class BlockParts:
     ls1: Optional[Tensor] = None
     ls2: Optional[Tensor] = None
 
-    def mlp_branch(self, u: Tensor) -> Tensor:
-        return layer_scale(self.ls2, self.mlp(self.norm2(u)))
+    def mlp_branch(self, u: Tensor, rules: Optional[str] = None) -> Tensor:
+        if rules is None:
+            return layer_scale(self.ls2, self.mlp(self.norm2(u)))
+        return layer_scale(self.ls2, self.mlp(lrp.norm(self.norm2, u), rules))
 
 
 @dataclass(frozen=True)
@@ -350,7 +359,15 @@ class HeadParts:
 
     def __call__(self, tokens: Tensor, rec: Optional[Record] = None, req: Optional[Request] = None) -> Tensor:
         eps = req.final_norm_eps if req is not None else None
-        if eps is None:
+        rules = req.lrp_rules if req is not None else None
+        if rules is not None:
+            if not self.tokens:
+                raise ValueError(
+                    f"the LRP rules need a head read from tokens through linear layers; this head pools with "
+                    f"{self.pooling!r} in the library's own code, which the rules do not reach"
+                )
+            x = lrp.norm(self.norm, tokens, eps)
+        elif eps is None:
             x = self.norm(tokens)
         else:
             # a request that changes the final norm's epsilon is only made for a LayerNorm
@@ -369,12 +386,12 @@ class HeadParts:
         for index, linear in self.tokens:
             t = x[:, index]
             if self.fc_norm is not None:
-                t = self.fc_norm(t)
+                t = self.fc_norm(t) if rules is None else lrp.norm(self.fc_norm, t)
             features.append(t)
             outs.append(linear(t))
         if req is not None and req.features:
             assert rec is not None
-            rec.features = features[0] if len(features) == 1 else sum(features) / len(features)
+            rec.features = features[0] if len(features) == 1 else cast(Tensor, sum(features)) / len(features)
         return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
 
 
@@ -386,7 +403,8 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         rec.block_inputs.append(tokens)
     elif req.block_inputs:
         rec.block_inputs.append(None)  # type: ignore[arg-type]  # keeps block indices aligned; never read
-    a_in = b.norm1(tokens)
+    rules = req.lrp_rules
+    a_in = b.norm1(tokens) if rules is None else lrp.norm(b.norm1, tokens)
     if req.detach:
         a_in = a_in.detach()
     if index in req.grad_attention_inputs:
@@ -394,7 +412,9 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         a_in = a_in.detach().requires_grad_(True)
         rec.attention_inputs.append(a_in)
     ctx = rec.context
-    q, k, v = b.attn.project(a_in, ctx, index)
+    q, k, v = b.attn.project(a_in, ctx, index, rules)
+    if rules is not None:
+        q, k, v = lrp.attention_operands(q, k, v, rules)
     bias = b.attn.bias(ctx, index)
     if req.attention_layers is None or index in req.attention_layers:
         o = attention_core(q, k, v, b.attn.scale, rec, req, bias=bias)
@@ -409,15 +429,15 @@ def _pure_block(b: BlockParts, tokens: Tensor, rec: Record, req: Request, index:
         if req.scores_all:
             rec.scores.append(None)  # type: ignore[arg-type]
     heads_out = o.transpose(1, 2).flatten(2)
-    attn_out = b.attn.output(heads_out)
+    attn_out = b.attn.output(heads_out, rules)
     u = tokens + layer_scale(b.ls1, attn_out)
     if req.cls_tokens:
         rec.mid_cls.append(u[:, 0].clone())  # a view would keep all of u alive
     if not req.activations:
         del q, k, v, a_in, o, heads_out, attn_out
-        return u + b.mlp_branch(u)
-    n2 = b.norm2(u)
-    mlp = b.mlp.trace(n2)
+        return u + b.mlp_branch(u, rules)
+    n2 = b.norm2(u) if rules is None else lrp.norm(b.norm2, u)
+    mlp = b.mlp.trace(n2, rules)
     rec.traces.append(BlockTrace(x=tokens, n1=a_in, q=q, k=k, v=v, o=heads_out, attn_out=attn_out, u=u, n2=n2,
                                  mlp=mlp))
     return u + layer_scale(b.ls2, mlp.out)
@@ -454,6 +474,13 @@ class Request:
         grad_attention_inputs: block indices whose attention input (norm1 output) becomes a
             gradient leaf, recorded in ``attention_inputs`` (pure forward only).
         final_norm_eps: run the final LayerNorm with this epsilon instead of the model's.
+        lrp_rules: ``None`` (the model's own backward), ``"cp"`` or ``"attnlrp"``: the forward
+            values stay the model's, and the backward follows AttnLRP's rules
+            (:mod:`captum_vit.vit.rules`), so that ``x * dy/dx`` of a tensor of the pass is its
+            relevance: norms and activations through the identity rule, products of two
+            activations split uniformly, the attention softmax as the rule set says (``"cp"``:
+            its probabilities and a gated MLP's gate are constants; ``"attnlrp"``: the
+            gradient passes the softmax). Pure forward only, on a head read from tokens.
     """
 
     detach: bool = True
@@ -470,6 +497,7 @@ class Request:
     features: bool = False
     grad_attention_inputs: Tuple[int, ...] = ()
     final_norm_eps: Optional[float] = None
+    lrp_rules: Optional[str] = None
 
     @property
     def needs_autograd(self) -> bool:
@@ -951,6 +979,9 @@ class ViTAdapter:
                         del attn.forward
 
     def _patched_forward(self, images: Tensor, rec: Record, req: Request) -> Tensor:
+        if req.lrp_rules is not None:
+            why = self.parts_missing or "the model has an active dropout or drop-path (training mode)"
+            raise ValueError(f"the LRP rules need the pure forward over the model's parts, and {why}")
         if req.cls_tokens:
             why = self.one_token_support()[1] or "the model has an active dropout or drop-path (training mode)"
             raise ValueError(f"the one-token backward does not apply here: {why}")
