@@ -63,9 +63,16 @@ def test_options_of_the_pure_forward_equal_the_reference(variant):
 
     options, one_token = OPTIONS[variant]
     model = _eva(**{**CLS, **options})
+    x = family_input("eva_cls", batch=3)
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except RuntimeError as e:  # e.g. timm 1.0.16's Eva adds a position table sized without the registers
+        import timm
+
+        pytest.skip(f"timm {timm.__version__}'s own Eva forward fails on {variant}: {e}")
     a = adapt(model)
     assert a.parts is not None and a.one_token_support()[0] == one_token
-    x = family_input("eva_cls", batch=3)
     with one_thread():
         with torch.no_grad():
             _close(a.logits(x), model(x))
