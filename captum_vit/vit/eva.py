@@ -39,7 +39,7 @@ from captum_vit.vit.base import (
     attention_core,
 )
 from captum_vit.vit.registry import register_adapter
-from captum_vit.vit.timm import map_pool_weights, timm_mlp
+from captum_vit.vit.timm import map_pool_weights, timm_check_size, timm_grid, timm_mlp
 
 __all__ = ["TimmEvaAdapter", "is_timm_eva"]
 
@@ -284,24 +284,10 @@ class TimmEvaAdapter(ViTAdapter):
         return wrapper
 
     def _check_size(self, h: int, w: int) -> None:
-        pe = self.model.patch_embed
-        ph, pw = self.patch_size
-        dynamic = getattr(self.model, "dynamic_img_size", False)
-        if not dynamic and pe.img_size is not None and getattr(pe, "strict_img_size", True):
-            if (h, w) != tuple(pe.img_size):
-                raise ValueError(
-                    f"input size {h}x{w} does not match the model's fixed input size "
-                    f"{pe.img_size[0]}x{pe.img_size[1]}; resize the images, or create the model with "
-                    "dynamic_img_size=True to accept other sizes"
-                )
-        if not pe.dynamic_img_pad and (h % ph or w % pw):
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop to a multiple "
-                "of the patch size, or create the model with dynamic_img_pad=True"
-            )
+        timm_check_size(self.model, self.patch_size, h, w)
 
     def _grid(self, h: int, w: int) -> Tuple[int, int]:
-        return tuple(self.model.patch_embed.dynamic_feat_size((h, w)))
+        return timm_grid(self.model, h, w)
 
     def _patch_attention(self, attn: nn.Module, rec: Record, req: Request) -> Callable:
         def forward(mod, x, rope=None, attn_mask=None, is_causal=False):

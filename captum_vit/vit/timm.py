@@ -29,6 +29,8 @@ __all__ = [
     "timm_attention_patch",
     "timm_attentions",
     "timm_block_parts",
+    "timm_check_size",
+    "timm_grid",
     "timm_head_parts",
     "timm_mlp",
 ]
@@ -206,6 +208,30 @@ def timm_head_parts(m: Any, pooling: str, num_prefix_tokens: int) -> HeadParts:
     )
 
 
+def timm_check_size(model: Any, patch_size: Tuple[int, int], h: int, w: int) -> None:
+    """Refuse an ``h x w`` input that a timm model's patch embedding (fixed size, no padding) does not take."""
+    pe = model.patch_embed
+    ph, pw = patch_size
+    dynamic = getattr(model, "dynamic_img_size", False)
+    if not dynamic and pe.img_size is not None and getattr(pe, "strict_img_size", True):
+        if (h, w) != tuple(pe.img_size):
+            raise ValueError(
+                f"input size {h}x{w} does not match the model's fixed input size "
+                f"{pe.img_size[0]}x{pe.img_size[1]}; resize the images, or create the model with "
+                "dynamic_img_size=True to accept other sizes"
+            )
+    if not pe.dynamic_img_pad and (h % ph or w % pw):
+        raise ValueError(
+            f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop to a multiple "
+            "of the patch size, or create the model with dynamic_img_pad=True"
+        )
+
+
+def timm_grid(model: Any, h: int, w: int) -> Tuple[int, int]:
+    """The patch grid a timm model's patch embedding makes of an ``h x w`` input."""
+    return tuple(model.patch_embed.dynamic_feat_size((h, w)))
+
+
 @register_adapter
 class TimmViTAdapter(ViTAdapter):
     library = "timm"
@@ -289,24 +315,10 @@ class TimmViTAdapter(ViTAdapter):
         return wrapper
 
     def _check_size(self, h: int, w: int) -> None:
-        pe = self.model.patch_embed
-        ph, pw = self.patch_size
-        dynamic = getattr(self.model, "dynamic_img_size", False)
-        if not dynamic and pe.img_size is not None and getattr(pe, "strict_img_size", True):
-            if (h, w) != tuple(pe.img_size):
-                raise ValueError(
-                    f"input size {h}x{w} does not match the model's fixed input size "
-                    f"{pe.img_size[0]}x{pe.img_size[1]}; resize the images, or create the model with "
-                    "dynamic_img_size=True to accept other sizes"
-                )
-        if not pe.dynamic_img_pad and (h % ph or w % pw):
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop to a multiple "
-                "of the patch size, or create the model with dynamic_img_pad=True"
-            )
+        timm_check_size(self.model, self.patch_size, h, w)
 
     def _grid(self, h: int, w: int) -> Tuple[int, int]:
-        return tuple(self.model.patch_embed.dynamic_feat_size((h, w)))
+        return timm_grid(self.model, h, w)
 
     def _patch_attention(self, attn: nn.Module, rec: Record, req: Request) -> Callable:
         return timm_attention_patch(attn, rec, req)
