@@ -231,6 +231,16 @@ class ViTLayerAttribution(LayerAttribution):
         w = w.to(rows.dtype)
         return torch.einsum("bi,b...ij->b...j", w, rows)[..., p:]
 
+    def _query_row(self, record: Record) -> Tensor:
+        """``[B, N]``: the weights :meth:`_weighted_rows` gives the query rows (``e_0`` for ``"class"``)."""
+        x = record.block_inputs[0]
+        if self.query == "class":
+            w = x.new_zeros(x.shape[:2])
+            w[:, 0] = 1.0
+            return w
+        assert record.query_weights is not None  # a pooled query asks for the weights
+        return record.query_weights.to(x.dtype)
+
     # ----------------------------------------------------------------- what a method implements
     def _request(self) -> Request:
         """What the method needs recorded during the forward pass."""

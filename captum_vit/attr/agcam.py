@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from captum_vit.attr._base import ViTLayerAttribution, check_fusion, fuse
 from captum_vit.vit import Record, Request, ViTAdapter
+from captum_vit.vit.sweep import backward_sweep, head_gradient, sweep_support
 
 __all__ = ["AGCAM"]
 
@@ -48,7 +49,9 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
     * ``"one_token"`` -- one forward pass (fused attention kept) plus explicit vector-Jacobian
       products on the [class] token only: with detached attention inputs the gradient is
       non-zero only there. No autograd: it runs under ``torch.inference_mode()``.
-    * ``"generic"`` -- autograd through the unfused network.
+    * ``"generic"`` -- autograd through the unfused network: where the pure forward runs, one
+      block at a time from the last, each recomputed from its input
+      (:mod:`captum_vit.vit.sweep`), so the memory stays a few forwards' whatever the depth.
 
     ``engine="auto"`` picks ``one_token`` where the architecture allows it (pre-norm blocks with
     LayerNorm and a GELU/ReLU/SiLU MLP, a [class]-token head, ``detach=True``, eval mode) and
@@ -129,11 +132,19 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
     def _request(self) -> Request:
         if self.resolved_engine() == "one_token":
             return Request(detach=True, values=True, scores_cls=True, cls_tokens=True)
-        if self.query == "pooled":
-            return Request(detach=self.detach, attention="grad", scores_all=True, query_weights=True)
-        return Request(detach=self.detach, attention="grad", scores_cls=True)
+        if sweep_support(self.adapter):
+            return Request(block_inputs=True, query_weights=self.query == "pooled")
+        return self._block_request()
+
+    def _block_request(self) -> Request:
+        """What the generic engine records of each block (of all of them at once, or one at a time)."""
+        pooled = self.query == "pooled"
+        return Request(detach=self.detach, attention="grad", scores_cls=not pooled, scores_all=pooled,
+                       query_weights=pooled)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+        if record.head_input is not None:  # generic engine, one block at a time
+            return self._swept(record, targets)
         if not record.attention:  # one-token engine: explicit VJPs on the [class] row
             grads = self.adapter.class_row_grads(record, targets, first_layer=self.layer_indices[0])
             return self._combine(record, self._class_rows(record.scores_cls), self._class_rows(grads))
@@ -146,17 +157,33 @@ class AGCAM(ViTLayerAttribution, GradientAttribution):
             return self._combine(record, dict(enumerate(record.scores)), grads)
         return self._combine(record, self._class_rows(record.scores_cls), {k: g[:, :, :1] for k, g in grads.items()})
 
+    def _swept(self, record: Record, targets: Tensor) -> Tensor:
+        self._require_autograd()
+        per_layer: Dict[int, Tensor] = {}
+        pooled = self.query == "pooled"
+
+        def visit(k: int, block: Record, grad_attention: Tensor) -> None:
+            if k in self.layer_indices:
+                scores = block.scores[0] if pooled else block.scores_cls[0].unsqueeze(2)
+                grads = grad_attention if pooled else grad_attention[:, :, :1]
+                per_layer[k] = self._layer_map(record, scores, grads)
+
+        g = head_gradient(self.adapter, record, targets)
+        backward_sweep(self.adapter, record, g, self._block_request(), visit, self.layer_indices[0])
+        return fuse(torch.stack([per_layer[k] for k in self.layer_indices], 0), self.layer_fusion, 0)
+
     # ------------------------------------------------------------------ formula
     def _combine(self, record: Record, scores: Mapping[int, Tensor], grads: Mapping[int, Tensor]) -> Tensor:
         """``fuse_k fuse_h sum_i w_i sigmoid(S[k,h][i, j]) * relu(G[k,h][i, j])`` over patch keys ``j``.
 
         ``scores[k]``, ``grads[k]``: ``[B, H, rows, N]``, the [class] row alone (``w = e_0``) or all.
         """
-        per_layer = [
-            fuse(self._weighted_rows(record, torch.sigmoid(scores[k]) * torch.relu(grads[k])), self.head_fusion, 1)
-            for k in self.layer_indices
-        ]
+        per_layer = [self._layer_map(record, scores[k], grads[k]) for k in self.layer_indices]
         return fuse(torch.stack(per_layer, 0), self.layer_fusion, 0)
+
+    def _layer_map(self, record: Record, scores: Tensor, grads: Tensor) -> Tensor:
+        """``fuse_h sum_i w_i sigmoid(S[h][i, j]) * relu(G[h][i, j])``: one block's term."""
+        return fuse(self._weighted_rows(record, torch.sigmoid(scores) * torch.relu(grads)), self.head_fusion, 1)
 
     @staticmethod
     def _class_rows(rows: Union[Sequence[Tensor], Dict[int, Tensor]]) -> Dict[int, Tensor]:

@@ -9,7 +9,8 @@ from captum.attr._utils.attribution import GradientAttribution
 from torch import Tensor, nn
 
 from captum_vit.attr._base import ViTLayerAttribution, alternatives, identity_like
-from captum_vit.vit import Mlp, Record, Request, ViTAdapter
+from captum_vit.vit import BlockTrace, Mlp, Record, Request, ViTAdapter
+from captum_vit.vit.sweep import backward_sweep, head_gradient, sweep_support
 from captum_vit.vit.vjp import layer_scale
 
 __all__ = ["TransformerAttribution", "GradientAttentionRollout"]
@@ -31,7 +32,10 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
         \quad \text{for every block } b,
 
     read at the [class] row over the patch keys; no row normalisation. ``\nabla A_b`` is the
-    ordinary gradient of the target logit (nothing detached). A model whose head does not
+    ordinary gradient of the target logit (nothing detached). Where the pure forward runs, the
+    backward visits one block at a time, recomputed from its input (:mod:`captum_vit.vit.sweep`),
+    and the product is read row by row from the last block: ``w^T (I + \bar A_L) \cdots (I + \bar A_1)``,
+    so the memory is a forward's few times over, not every block's graph. A model whose head does not
     read a [class] token alone (average or attention pooling) needs ``query="pooled"``: the
     query rows weighted as the head pools the tokens (see :class:`~captum_vit.AGCAM`).
 
@@ -55,10 +59,14 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
         return "Gradient Attention Rollout"
 
     def _request(self) -> Request:
+        if sweep_support(self.adapter):
+            return Request(block_inputs=True, query_weights=self.query == "pooled")
         return Request(detach=False, attention="grad", attention_layers=tuple(self.layer_indices),
                        query_weights=self.query == "pooled")
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+        if record.head_input is not None:
+            return self._swept(record, targets)
         grads = _attention_grads(record, logits, targets, self.layer_indices)
         relevance: Optional[Tensor] = None
         for k in self.layer_indices:
@@ -68,6 +76,22 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
             relevance = relevance + cam @ relevance
         assert relevance is not None  # layer_indices is never empty
         return self._weighted_rows(record, relevance).detach()
+
+    def _swept(self, record: Record, targets: Tensor) -> Tensor:
+        """The rolled-out query rows, from the last block down: ``r <- r + r E_h[(grad A * A)^+]``."""
+        self._require_autograd()
+        r = self._query_row(record).unsqueeze(1)  # [B, 1, N]
+        layers = set(self.layer_indices)
+
+        def visit(k: int, block: Record, grad_attention: Tensor) -> None:
+            nonlocal r
+            if k in layers:
+                cam = (grad_attention * block.attention[0]).clamp(min=0).mean(1)
+                r = r + r @ cam
+
+        g = head_gradient(self.adapter, record, targets)
+        backward_sweep(self.adapter, record, g, Request(detach=False, attention="grad"), visit, self.layer_indices[0])
+        return r[:, 0, self.adapter.num_prefix_tokens:]
 
 
 # --------------------------------------------------------------------------- LRP rules
@@ -188,60 +212,63 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         return "Transformer Attribution"
 
     def _request(self) -> Request:
-        return Request(
-            detach=False, attention="grad", activations=True, features=True, final_norm_eps=self.final_norm_eps
-        )
+        return Request(block_inputs=True, final_norm_eps=self.final_norm_eps)
 
     def _maps(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
-        layers = list(range(self.start_layer, self.adapter.num_layers))
-        grads = _attention_grads(record, logits, targets, layers)
-        with torch.no_grad():
-            attention_relevance = self._relevance(record, logits, targets)
-            joint: Optional[Tensor] = None
-            for k in layers:
-                cam = (grads[k] * attention_relevance[k]).clamp(min=0).mean(1)
-                step = cam + identity_like(cam)
-                joint = step if joint is None else step @ joint
-        assert joint is not None  # start_layer < num_layers
-        return joint[:, 0, self.adapter.num_prefix_tokens :]
-
-    def _relevance(self, record: Record, logits: Tensor, targets: Tensor) -> Dict[int, Tensor]:
-        """LRP from the one-hot target down to block ``start_layer``; returns ``R^{A_b}`` per block."""
+        """``e_0^T (I + \\bar A_L) \\cdots (I + \\bar A_s)``, read from the last block down, one block at a time."""
+        self._require_autograd()
         a = self.adapter
-        _, head = a.head.tokens[0]
+        relevance = self._head_relevance(record, logits, targets)
+        row = torch.zeros_like(relevance[..., 0]).unsqueeze(1)  # [B, 1, N]
+        row[:, 0, 0] = 1.0
+
+        def visit(k: int, block: Record, grad_attention: Tensor) -> None:
+            nonlocal relevance, row
+            attention = block.attention[0]
+            relevance, attention_relevance = self._block_relevance(k, block.traces[0], attention, relevance)
+            cam = (grad_attention * attention_relevance).clamp(min=0).mean(1)
+            row = row + row @ cam
+
+        g = head_gradient(a, record, targets, self.final_norm_eps)
+        block_request = Request(detach=False, attention="grad", activations=True)
+        backward_sweep(a, record, g, block_request, visit, self.start_layer)
+        return row[:, 0, a.num_prefix_tokens:]
+
+    def _head_relevance(self, record: Record, logits: Tensor, targets: Tensor) -> Tensor:
+        """Relevance at the head's input: the one-hot target through the classifier, all on the [class] token."""
+        _, head = self.adapter.head.tokens[0]
+        rec = Record()
+        assert record.head_input is not None  # the request records the block inputs
+        self.adapter.head(record.head_input, rec, Request(activations=True, features=True,
+                                                          final_norm_eps=self.final_norm_eps))
+        assert rec.features is not None and rec.head_trace is not None  # asked for
         one_hot = torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)
-        features = record.features
-        # recorded: the request asks for features and activations, and the constructor checked the parts exist
-        assert features is not None and a.parts is not None
-        relevance_cls = lrp_linear(features, head.weight, one_hot)  # fc_norm and the final norm pass it on
-        assert record.head_trace is not None  # the request asks for activations
-        normed = record.head_trace.normed
+        relevance_cls = lrp_linear(rec.features, head.weight, one_hot)  # fc_norm and the final norm pass it on
+        normed = rec.head_trace.normed
         pooled = normed[:, 0]
         relevance = torch.zeros_like(normed)
         relevance[:, 0] = pooled * safe_divide(relevance_cls, pooled)
-        attention_relevance = {}
-        for k in range(a.num_layers - 1, self.start_layer - 1, -1):
-            b, t = a.parts[k], record.traces[k]
-            mlp = cast(Mlp, b.mlp)  # the constructor refused gated MLPs
-            B, N, _ = t.x.shape
-            H, d = b.attn.num_heads, b.attn.head_dim
-            # x' = u + ls2 * fc2(norm(act(fc1(norm2(u)))))
-            r_u, r_mlp = lrp_add(t.u, layer_scale(b.ls2, t.mlp.out), relevance)
-            hidden = t.mlp.act if mlp.norm is None else mlp.norm(t.mlp.act)
-            r_hidden = lrp_linear(hidden, mlp.fc2.weight, r_mlp)
-            r_n2 = lrp_linear(t.n2, mlp.fc1.weight, r_hidden)
-            relevance = lrp_fork(t.u, r_u, r_n2)
-            # u = x + ls1 * proj(A v)
-            r_x, r_attn = lrp_add(t.x, layer_scale(b.ls1, t.attn_out), relevance)
-            r_o = lrp_linear(t.o, b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
-            attn = record.attention[k]
-            r_a, r_v = lrp_matmul(attn, t.v, r_o)
-            attention_relevance[k] = r_a
-            r_q, r_k = lrp_matmul(t.q, t.k.transpose(-2, -1), r_a)  # softmax passes relevance on
-            r_k = r_k.transpose(-2, -1)
-            r_n1 = self._qkv_relevance(b, t.n1, r_q, r_k, r_v)
-            relevance = lrp_fork(t.x, r_x, r_n1)
-        return attention_relevance
+        return relevance
+
+    def _block_relevance(self, k: int, t: BlockTrace, attn: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
+        """Block ``k``'s rules: relevance at its output -> ``(relevance at its input, R^{A_k})``."""
+        b = self.adapter.parts[k]  # type: ignore[index]  # the constructor checked the parts exist
+        mlp = cast(Mlp, b.mlp)  # the constructor refused gated MLPs
+        B, N, _ = t.x.shape
+        H, d = b.attn.num_heads, b.attn.head_dim
+        # x' = u + ls2 * fc2(norm(act(fc1(norm2(u)))))
+        r_u, r_mlp = lrp_add(t.u, layer_scale(b.ls2, t.mlp.out), relevance)
+        hidden = t.mlp.act if mlp.norm is None else mlp.norm(t.mlp.act)
+        r_hidden = lrp_linear(hidden, mlp.fc2.weight, r_mlp)
+        r_n2 = lrp_linear(t.n2, mlp.fc1.weight, r_hidden)
+        relevance = lrp_fork(t.u, r_u, r_n2)
+        # u = x + ls1 * proj(A v)
+        r_x, r_attn = lrp_add(t.x, layer_scale(b.ls1, t.attn_out), relevance)
+        r_o = lrp_linear(t.o, b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
+        r_a, r_v = lrp_matmul(attn, t.v, r_o)
+        r_q, r_k = lrp_matmul(t.q, t.k.transpose(-2, -1), r_a)  # softmax passes relevance on
+        r_n1 = self._qkv_relevance(b, t.n1, r_q, r_k.transpose(-2, -1), r_v)
+        return lrp_fork(t.x, r_x, r_n1), r_a
 
     @staticmethod
     def _qkv_relevance(b, n1: Tensor, r_q: Tensor, r_k: Tensor, r_v: Tensor) -> Tensor:

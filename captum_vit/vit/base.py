@@ -458,8 +458,8 @@ class Request:
         scores_cls: record the scaled pre-softmax [class]-query row ``[B, H, N]`` (the softmax's
             input: any additive position bias included).
         scores_all: record the scaled pre-softmax scores of every query row ``[B, H, N, N]``.
-        block_inputs: record each block's input ``[B, N, D]`` (``True``), or only those of the
-            given block indices (a tuple; the others are recorded as ``None``).
+        block_inputs: record each block's input ``[B, N, D]`` and the head's (``True``), or
+            only those of the given block indices (a tuple; the others are recorded as ``None``).
         cls_tokens: record the [class] token of each block's mid-residual ``u`` and of the
             last block's output (the one-token backward's linearisation points).
         attention_layers: record attention (and scores) only for these block indices;
@@ -515,6 +515,7 @@ class Record:
     attention: List[Tensor] = field(default_factory=list)
     values: List[Tensor] = field(default_factory=list)
     block_inputs: List[Tensor] = field(default_factory=list)
+    head_input: Optional[Tensor] = None
     mid_cls: List[Tensor] = field(default_factory=list)
     final_cls: Optional[Tensor] = None
     attention_inputs: List[Tensor] = field(default_factory=list)
@@ -909,6 +910,8 @@ class ViTAdapter:
             tokens = _pure_block(self.parts[index], tokens, rec, req, index)
         if req.cls_tokens:
             rec.final_cls = tokens[:, 0].clone()
+        if req.block_inputs is True:
+            rec.head_input = tokens
         return self.head(tokens, rec, req)
 
     def forward_tail(self, tokens: Tensor, start: int, request: Request = Request(),
