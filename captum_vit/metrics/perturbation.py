@@ -12,7 +12,7 @@ ABPC protocol, per image (all images are used, none excluded)::
         LeRF: the k lowest-ranked pixels set to ``value`` (all channels)
         score = softmax(model_fn(perturbed))[label]
     AUC = plain mean of the 11 scores (not trapezoidal)
-    ABPC = AUC_LeRF - AUC_MoRF      (22 forward evaluations per image)
+    ABPC = AUC_LeRF - AUC_MoRF
 
 ``value = 0`` is mid-grey for a model whose inputs are normalised by
 ``(x - mean) / std``.
@@ -25,9 +25,22 @@ lowest-index pixel of a tied group first, and so does LeRF. A constant map
 therefore removes pixels in raster order for both curves, and its ABPC is
 exactly 0.
 
-All perturbed copies of a call are generated lazily and evaluated in chunks
-of ``batch_size`` images, so the number of ``model_fn`` calls is
-``ceil(copies / batch_size)`` and memory stays bounded by one chunk.
+Of the 22 points per image two are copies shared by both curves, so
+:func:`abpc` evaluates each distinct copy once: 18 MoRF / LeRF copies per
+image, the unperturbed image once per image (its point is both curves' first;
+not at all when the caller passes its ``logits``), and the all-``value``
+image (both curves' last) once per call, or once per image when ``value``
+varies over the batch. That is ``19 * B + 1`` forward evaluations for ``B``
+images (``18 * B + 1`` with ``logits``) instead of ``22 * B``, with the same
+numbers to the last bit.
+
+All copies of a call, shared ones included, are generated lazily in one
+stream and evaluated in ``ceil(copies / batch_size)`` ``model_fn`` calls of
+near-equal size (at most ``batch_size``, differing by at most one), so memory
+stays bounded by one chunk. A row's logits can differ in the last bit with
+the number of rows in its call (a ViT on CPU scores a row alone or in a
+small call unlike in a call of 16 or more); a shared copy evaluated in a
+call of its own, or a tiny tail call, would change the scores' last bits.
 """
 
 from __future__ import annotations
@@ -305,7 +318,7 @@ def abpc(  # noqa: PLR0913 - the metric's inputs and options, all but the first 
     stream of ``ceil(copies / batch_size)`` ``model_fn`` calls of near-equal
     size: a row's logits can differ in the last bit with the number of rows
     in its call, so a shared copy evaluated in a call of its own, or a tiny
-    tail call, would score unlike the 22-copy protocol's.
+    tail call, could change the scores' last bits.
 
     Args:
         model_fn (Callable): images ``[n, C, H, W]`` -> logits ``[n, classes]``.
