@@ -93,6 +93,28 @@ def test_abpc_equals_direct_call(tiny):
         assert np.isclose(r["methods"]["agcam"][k], float(ref[k].mean()), rtol=0, atol=1e-6), k
 
 
+def test_later_methods_reuse_the_first_methods_clean_logits(tiny, monkeypatch):
+    """Per batch the first method's abpc computes model_fn(x); the others get it as logits=, same numbers."""
+    import captum_vit.evaluation.runner as runner
+
+    calls = []
+
+    def recording(*args, logits=None, **kwargs):
+        out = abpc(*args, logits=logits, **kwargs)
+        calls.append((logits, out["logits"]))
+        return out
+
+    monkeypatch.setattr(runner, "abpc", recording)
+    kw = dict(metrics=("abpc",), batch_size=4, progress=False)
+    reused = evaluate(tiny, shapes64(8), "agcam,rollout", **kw)
+    assert [given is None for given, _ in calls] == [True, False, True, False]
+    for (_, first), (given, second) in (calls[:2], calls[2:]):
+        assert given is first and second is first
+    monkeypatch.setattr(runner, "abpc", lambda *a, logits=None, **k: abpc(*a, **k))
+    recomputed = evaluate(tiny, shapes64(8), "agcam,rollout", **kw)
+    assert reused["methods"] == recomputed["methods"]
+
+
 def test_interrupted_run_resumes_without_recomputing(tiny, tmp_path):
     store = str(tmp_path / "r.h5")
     calls = []

@@ -5,12 +5,14 @@ analytic: softmax(W x + b). References loop over images and fractions, one
 numpy forward per perturbed copy, and share no code with the library.
 """
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import scipy.ndimage
 import torch
+from reference_abpc import abpc as reference_abpc
 
 from captum_vit.metrics import abpc, deletion_insertion, gaussian_blur, perturbation_curves
 
@@ -174,16 +176,21 @@ def test_abpc_sign_true_relevance_vs_negation():
 
 @pytest.mark.parametrize("batch_size", [1, 5, 7, 22, 64, 65, 66, 100])
 def test_batching_counts_and_invariance(batch_size):
+    """18 interior copies + the clean image per image + one baseline per call, in near-equal calls."""
     model = _linear_model()
     images, maps, labels = _data(b=3)
-    counting = CountingModel(model)
-    out = abpc(counting, images, maps, labels, batch_size=batch_size)
-    assert sum(counting.sizes) == 22 * 3
-    assert len(counting.sizes) == math.ceil(22 * 3 / batch_size)
-    assert max(counting.sizes) <= batch_size
+    per_image_value = torch.zeros(3, C, H, W, dtype=torch.float64)
     ref = abpc(model, images, maps, labels, batch_size=1000)
-    for k in ("auc_morf", "auc_lerf", "abpc"):
-        torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-15)
+    for kw, n in [({}, 18 * 3 + 3 + 1), ({"logits": ref["logits"]}, 18 * 3 + 1),
+                  ({"value": per_image_value}, 18 * 3 + 3 + 3)]:
+        counting = CountingModel(model)
+        out = abpc(counting, images, maps, labels, batch_size=batch_size, **kw)
+        assert sum(counting.sizes) == n, kw
+        assert len(counting.sizes) == math.ceil(n / batch_size)
+        assert max(counting.sizes) <= batch_size
+        assert max(counting.sizes) - min(counting.sizes) <= 1  # no tiny tail call
+        for k in ("auc_morf", "auc_lerf", "abpc"):
+            torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-15)
 
 
 def test_constant_map_removes_in_raster_order_and_scores_zero():
@@ -234,6 +241,9 @@ def test_argument_errors():
         abpc(model, images, maps[:2], labels)
     with pytest.raises(ValueError):
         perturbation_curves(model, images, maps, labels, fractions=(0.0, 1.5))
+    for bad in (torch.zeros(2, N_CLASSES), torch.zeros(3)):
+        with pytest.raises(ValueError, match=r"\[3, classes\]"):
+            abpc(model, images, maps, labels, logits=bad)
     with pytest.raises(ValueError):
         deletion_insertion(model, images, maps, labels, baseline="black")  # mean/std missing
     with pytest.raises(ValueError):
@@ -305,3 +315,95 @@ def test_gaussian_blur_matches_scipy(sigma):
     for b in range(2):
         np.testing.assert_allclose(got[b].numpy(), _ref_blur(images[b].numpy(), sigma), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gaussian_blur(images, 0.0), images)
+
+
+# ------------------------------------------------------------------ ABPC against the 22-copy reference, bit for bit
+
+REFERENCE_FRACTIONS = [
+    FRACTIONS,
+    [0.3, 0.0, 0.7],  # any order
+    [0.5],  # neither end point
+    [1.0, 0.0, 0.5, 0.5, 0.0, 1.0],  # repeats
+    [0.11, 0.12, 0.0],  # two fractions, one count (int(64 * s) = 7)
+    [0.0],
+    [1.0],
+]
+
+
+def _rowwise(model):
+    """``model`` on each row alone: a row's logits cannot depend on the rest of the call."""
+    return lambda x: torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+def _assert_equal_to_reference(got, want):
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), (k, (got[k] - v).abs().max().item())
+
+
+@pytest.mark.parametrize("fractions", REFERENCE_FRACTIONS, ids=lambda f: ",".join(map(str, f)))
+@pytest.mark.parametrize("value", ["zero", "scalar", "per_channel", "per_image"])
+def test_abpc_equals_the_22_copy_reference(fractions, value):
+    model = _linear_model()
+    images, maps, labels = _data(b=3)
+    g = torch.Generator().manual_seed(5)
+    value = {"zero": 0.0, "scalar": -1.5,
+             "per_channel": torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64).reshape(C, 1, 1),
+             "per_image": torch.randn(3, C, H, W, generator=g, dtype=torch.float64)}[value]
+    fn = _rowwise(model)
+    clean = fn(images).detach()
+    for batch_size in (1, 5, 7, 64, 1000):
+        want = reference_abpc(fn, images, maps, labels, fractions=fractions, value=value, batch_size=batch_size)
+        got = abpc(fn, images, maps, labels, fractions=fractions, value=value, batch_size=batch_size)
+        _assert_equal_to_reference(got, want)
+        assert torch.equal(got["logits"], clean)
+        given = abpc(fn, images, maps, labels, fractions=fractions, value=value, batch_size=batch_size,
+                     logits=clean)
+        _assert_equal_to_reference(given, want)
+        assert given["logits"] is clean
+
+
+@contextlib.contextmanager
+def two_threads():
+    """torch on two intra-op threads inside the block, restored after (as ``helpers.one_thread``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _vit_equals_reference(model, images, maps, labels):
+    """At batch_size=64 every call of either algorithm has 16+ rows: a ViT scores each row the same bits."""
+    def fn(x):
+        with torch.no_grad():
+            return model(x)
+
+    with two_threads():
+        want = reference_abpc(fn, images, maps, labels, batch_size=64)
+        got = abpc(fn, images, maps, labels, batch_size=64)
+        _assert_equal_to_reference(got, want)
+        _assert_equal_to_reference(abpc(fn, images, maps, labels, batch_size=64, logits=got["logits"]), want)
+
+
+def test_abpc_equals_the_reference_on_a_vit():
+    from helpers import make_timm
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 64, 64, generator=g)
+    maps = torch.rand(8, 1, 8, 8, generator=g)
+    _vit_equals_reference(make_timm("plain"), images, maps, torch.arange(8) % 10)
+
+
+@pytest.mark.slow
+def test_abpc_equals_the_reference_on_the_shipped_model():
+    from captum_vit.data import ShapesDataset
+    from captum_vit.models import load_model
+
+    model, cfg, _ = load_model("shapes_vit")
+    ds = ShapesDataset("single", seed=2024, size=16, image_size=int(cfg["input_size"][-1]), mean=cfg["mean"],
+                       std=cfg["std"])
+    images = torch.stack([ds[i]["image"] for i in range(16)])
+    labels = torch.tensor([int(ds[i]["label"]) for i in range(16)])
+    maps = torch.rand(16, 1, 14, 14, generator=torch.Generator().manual_seed(0))
+    _vit_equals_reference(model, images, maps, labels)

@@ -198,8 +198,15 @@ def _check_labels(labels: Tensor, n_classes: int) -> None:
 
 def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Mapping[str, Any],  # noqa: PLR0913
                  opts: EvalOptions, device: torch.device, observe: Optional[Observer] = None, name: str = "",
-                 first_logits: Optional[Tensor] = None) -> Tuple[Dict[str, np.ndarray], Tensor]:
-    """Every stored column of one method on one batch (see :class:`ResultStore`), and the logits it used."""
+                 first_logits: Optional[Tensor] = None, clean_logits: Optional[Tensor] = None,
+                 ) -> Tuple[Dict[str, np.ndarray], Tensor, Optional[Tensor]]:
+    """Every stored column of one method on one batch (see :class:`ResultStore`), the logits it used, and
+    ``model_fn``'s logits of the unperturbed images (``clean_logits`` when given, else ABPC's, else None).
+
+    ABPC scores the unperturbed images with ``model_fn`` whatever the method, so a batch's first method
+    computes them and the later ones reuse them; the explanation's own logits are not used there, as some
+    methods' forwards differ from ``model_fn`` in the last bit.
+    """
     groups = opts.metrics
     x = batch["image"].to(device)
     labels = batch["label"].to(device)
@@ -230,14 +237,15 @@ def _score_batch(explainer: Any, model_fn: Callable[[Tensor], Tensor], batch: Ma
     if "localization" in groups:
         cols.update(_localization(batch, maps_pred, scored, float(opts.threshold), observe, name))
     if "abpc" in groups:
-        res = abpc(model_fn, x, maps_label, labels, batch_size=opts.abpc_batch_size)
+        res = abpc(model_fn, x, maps_label, labels, batch_size=opts.abpc_batch_size, logits=clean_logits)
+        clean_logits = res["logits"]
         cols.update({c: _np(res[c]) for c in METRIC_GROUPS["abpc"]})
     if "diagnostics" in groups:
         cols.update(_diagnostics(explainer, batch, x, labels, maps_label, prob_label))
     bad = ~cols["finite"].astype(bool)
     for c in [c for g in groups for c in METRIC_GROUPS[g]]:
         cols[c][bad] = np.nan
-    return cols, logits
+    return cols, logits, clean_logits
 
 
 def _localization(batch: Mapping[str, Any], maps_pred: Tensor, scored: Tensor, threshold: float,
@@ -426,10 +434,11 @@ def _run_batches(  # noqa: PLR0913 - one step of evaluate(), handed evaluate's s
             skipped = sorted(set(wanted) - set(batch["index"].tolist()))
             rows: Dict[str, Dict[str, np.ndarray]] = {}
             first_logits = None  # in a lean run, the methods after the first take the first one's predictions
+            clean_logits = None  # model_fn of the unperturbed images, from the first method's ABPC
             for name, explainer in explainers.items() if len(batch["label"]) else ():
                 t0 = time.perf_counter()
-                rows[name], logits = _score_batch(explainer, model_fn, batch, opts, device, observe, name,
-                                                  first_logits)
+                rows[name], logits, clean_logits = _score_batch(explainer, model_fn, batch, opts, device, observe,
+                                                                name, first_logits, clean_logits)
                 if _lean(opts):
                     first_logits = logits
                 seconds[name] += time.perf_counter() - t0
