@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CALLS = ("forward", "agcam_one_token", "agcam_generic", "rollout", "lrp", "gae", "cdam", "raw")
+CALLS = ("forward", "agcam_one_token", "agcam_generic", "rollout", "lrp", "gae", "cdam", "raw", "attnlrp")
 
 
 def _status(field: str) -> int:
@@ -102,8 +102,8 @@ def main():
         print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224"])
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per call; the table gives the median")
     ap.add_argument("--out", default=None, help="write the table (markdown) and a .json beside it")
     a = ap.parse_args()
@@ -113,13 +113,16 @@ def main():
               f"torch {torch.__version__}); median (min-max) of {a.runs} runs, "
               "each call in a fresh process; random-init weights.")
     print(header, flush=True)
-    md = table(run(a.models, a.batch, a.runs), header)
+    rows = [row for b in a.batches for row in run(a.models, b, a.runs)]
+    md = table(rows, header)
     print()
     print(md)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write(md + "\n")
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -100,25 +100,40 @@ def safe_divide(a: Tensor, b: Tensor) -> Tensor:
 
     The reference writes the denominator as ``clamp(b, min=1e-9) + clamp(b, max=1e-9)``, which is
     ``b + 1e-9`` exactly for every ``b``, then replaces an exact 0 by ``1e-9``; this is that, in
-    fewer passes over the (large) relevance tensors.
+    fewer passes over the (large) relevance tensors, and with one temporary of their size.
     """
-    den = b + 1e-9
-    den = den.masked_fill(den == 0, 1e-9)
-    return (a / den).masked_fill_(b == 0, 0.0)
+    return _divide_into(a, b + 1e-9, b == 0)
+
+
+def _divide_into(a: Tensor, den: Tensor, zero: Tensor) -> Tensor:
+    """:func:`safe_divide` with ``den = b + 1e-9`` (overwritten by the result) and ``zero = (b == 0)``."""
+    den.masked_fill_(den == 0, 1e-9)
+    return torch.div(a, den, out=den).masked_fill_(zero, 0.0)
+
+
+def _safe_divide_consuming(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`safe_divide` for a ``b`` nobody else reads: ``b``'s memory holds the result."""
+    zero = b == 0
+    return _divide_into(a, b.add_(1e-9), zero)
 
 
 def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
-    """alpha=1, beta=0 rule, no bias: positive and negative inputs each through the weights of their sign."""
-    px, nx = x.clamp(min=0), x.clamp(max=0)
+    """alpha=1, beta=0 rule, no bias: positive and negative inputs each through the weights of their sign.
+
+    ``px * (s pw) + nx * (s nw)`` with ``s = R / (px pw^T + nx nw^T)``; each half of ``x`` is made
+    when it is used, so that at most two temporaries of ``x``'s size live at once.
+    """
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
-    s = safe_divide(relevance, px @ pw.t() + nx @ nw.t())
-    return px * (s @ pw) + nx * (s @ nw)
+    z = (x.clamp(min=0) @ pw.t()).add_(x.clamp(max=0) @ nw.t())
+    s = _safe_divide_consuming(relevance, z)
+    out = (s @ pw).mul_(x.clamp(min=0))
+    return out.add_((s @ nw).mul_(x.clamp(max=0)))
 
 
 def lrp_matmul(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
     """``Z = a @ b``: gradient x input on both operands, each halved."""
-    s = safe_divide(relevance, a @ b)
-    return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
+    s = _safe_divide_consuming(relevance, a @ b)
+    return (s @ b.transpose(-2, -1)).mul_(a).div_(2), (a.transpose(-2, -1) @ s).mul_(b).div_(2)
 
 
 def lrp_add(x: Tensor, branch: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
@@ -224,9 +239,10 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
 
         def visit(k: int, block: Record, grad_attention: Tensor) -> None:
             nonlocal relevance, row
-            attention = block.attention[0]
-            relevance, attention_relevance = self._block_relevance(k, block.traces[0], attention, relevance)
-            cam = (grad_attention * attention_relevance).clamp(min=0).mean(1)
+            attention = block.attention.pop()
+            relevance, attention_relevance = self._block_relevance(k, block.traces.pop(), attention, relevance)
+            del attention
+            cam = (grad_attention * attention_relevance).clamp_(min=0).mean(1)
             row = row + row @ cam
 
         g = head_gradient(a, record, targets, self.final_norm_eps)
@@ -251,24 +267,40 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         return relevance
 
     def _block_relevance(self, k: int, t: BlockTrace, attn: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
-        """Block ``k``'s rules: relevance at its output -> ``(relevance at its input, R^{A_k})``."""
+        """Block ``k``'s rules: relevance at its output -> ``(relevance at its input, R^{A_k})``.
+
+        Each intermediate is let go once its rule has run (``del``), so that the rules add about
+        one block's activations to the peak memory, not all of their own temporaries.
+        """
         b = self.adapter.parts[k]  # type: ignore[index]  # the constructor checked the parts exist
         mlp = cast(Mlp, b.mlp)  # the constructor refused gated MLPs
         B, N, _ = t.x.shape
         H, d = b.attn.num_heads, b.attn.head_dim
+        x, n1, q, key, v, o, attn_out, u, n2, mlp_out = t.x, t.n1, t.q, t.k, t.v, t.o, t.attn_out, t.u, t.n2, t.mlp
+        del t
         # x' = u + ls2 * fc2(norm(act(fc1(norm2(u)))))
-        r_u, r_mlp = lrp_add(t.u, layer_scale(b.ls2, t.mlp.out), relevance)
-        hidden = t.mlp.act if mlp.norm is None else mlp.norm(t.mlp.act)
+        r_u, r_mlp = lrp_add(u, layer_scale(b.ls2, mlp_out.out), relevance)
+        del relevance
+        hidden = mlp_out.act if mlp.norm is None else mlp.norm(mlp_out.act)
+        del mlp_out
         r_hidden = lrp_linear(hidden, mlp.fc2.weight, r_mlp)
-        r_n2 = lrp_linear(t.n2, mlp.fc1.weight, r_hidden)
-        relevance = lrp_fork(t.u, r_u, r_n2)
+        del hidden, r_mlp
+        r_n2 = lrp_linear(n2, mlp.fc1.weight, r_hidden)
+        del n2, r_hidden
+        relevance = lrp_fork(u, r_u, r_n2)
+        del r_u, r_n2
         # u = x + ls1 * proj(A v)
-        r_x, r_attn = lrp_add(t.x, layer_scale(b.ls1, t.attn_out), relevance)
-        r_o = lrp_linear(t.o, b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
-        r_a, r_v = lrp_matmul(attn, t.v, r_o)
-        r_q, r_k = lrp_matmul(t.q, t.k.transpose(-2, -1), r_a)  # softmax passes relevance on
-        r_n1 = self._qkv_relevance(b, t.n1, r_q, r_k.transpose(-2, -1), r_v)
-        return lrp_fork(t.x, r_x, r_n1), r_a
+        r_x, r_attn = lrp_add(x, layer_scale(b.ls1, attn_out), relevance)
+        del u, attn_out, relevance
+        r_o = lrp_linear(o, b.attn.proj.weight, r_attn).reshape(B, N, H, d).transpose(1, 2)
+        del o, r_attn
+        r_a, r_v = lrp_matmul(attn, v, r_o)
+        del attn, v, r_o
+        r_q, r_k = lrp_matmul(q, key.transpose(-2, -1), r_a)  # softmax passes relevance on
+        del q, key
+        r_n1 = self._qkv_relevance(b, n1, r_q, r_k.transpose(-2, -1), r_v)
+        del r_q, r_k, r_v
+        return lrp_fork(x, r_x, r_n1), r_a
 
     @staticmethod
     def _qkv_relevance(b, n1: Tensor, r_q: Tensor, r_k: Tensor, r_v: Tensor) -> Tensor:

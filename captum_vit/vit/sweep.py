@@ -71,8 +71,9 @@ def backward_sweep(adapter: ViTAdapter, record: Record, g: Tensor, request: Requ
             grads = torch.autograd.grad(out, wanted, g, allow_unused=True)
         del out
         grad_attention = grads[0] if grads[0] is not None else torch.zeros_like(rec.attention[0])
+        if k > first_layer:
+            g = grads[1]
+        del grads
         with torch.no_grad():
             visit(k, rec, grad_attention)
         del rec, grad_attention  # one block's activations at a time
-        if k > first_layer:
-            g = grads[1]
