@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from captum_vit import AGCAM  # noqa: E402
 from captum_vit.attr import METHODS  # noqa: E402
-from captum_vit.vit import Request, adapt  # noqa: E402
+from captum_vit.vit import Record, Request, adapt  # noqa: E402
 
 
 def official_way(model, x, targets):
@@ -40,7 +40,12 @@ def official_way(model, x, targets):
     maps = []
     for i in range(x.shape[0]):
         model.zero_grad(set_to_none=True)
-        rec = adapter.forward(x[i : i + 1], Request(detach=True, attention="keep", scores_cls=True))
+        # the pure forward without the library's parameters-as-constants mode: the weights require grad,
+        # as in the official code
+        xi = x[i : i + 1]
+        grid = adapter._grid(*xi.shape[-2:])
+        rec = Record(grid=grid, context=adapter.context(grid))
+        rec.logits = adapter._pure_forward(xi, rec, Request(detach=True, attention="keep", scores_cls=True))
         for a in rec.attention:
             a.retain_grad()
         rec.logits[0, int(targets[i])].backward()
