@@ -16,6 +16,11 @@ from captum_vit.vit.vjp import layer_scale
 __all__ = ["TransformerAttribution", "GradientAttentionRollout"]
 
 
+def _roll_row(row: Tensor, grad_attention: Tensor, weights: Tensor) -> Tensor:
+    """One block of a rollout read from the last block down: ``r (I + E_h[(grad A * weights)^+])``, ``r: [B, 1, N]``."""
+    return row + row @ (grad_attention * weights).clamp_(min=0).mean(1)
+
+
 def _attention_grads(record: Record, logits: Tensor, targets: Tensor, layers: List[int]) -> Dict[int, Tensor]:
     """``dy_t / dA_k`` of the target logit for the recorded (non-detached) attention maps."""
     y = logits.gather(1, targets[:, None]).sum()
@@ -86,8 +91,7 @@ class GradientAttentionRollout(ViTLayerAttribution, GradientAttribution):
         def visit(k: int, block: Record, grad_attention: Tensor) -> None:
             nonlocal r
             if k in layers:
-                cam = (grad_attention * block.attention[0]).clamp(min=0).mean(1)
-                r = r + r @ cam
+                r = _roll_row(r, grad_attention, block.attention[0])
 
         g = head_gradient(self.adapter, record, targets)
         backward_sweep(self.adapter, record, g, Request(detach=False, attention="grad"), visit, self.layer_indices[0])
@@ -234,16 +238,14 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         self._require_autograd()
         a = self.adapter
         relevance = self._head_relevance(record, logits, targets)
-        row = torch.zeros_like(relevance[..., 0]).unsqueeze(1)  # [B, 1, N]
-        row[:, 0, 0] = 1.0
+        row = self._query_row(record).unsqueeze(1)  # e_0: [B, 1, N]
 
         def visit(k: int, block: Record, grad_attention: Tensor) -> None:
             nonlocal relevance, row
             attention = block.attention.pop()
             relevance, attention_relevance = self._block_relevance(k, block.traces.pop(), attention, relevance)
             del attention
-            cam = (grad_attention * attention_relevance).clamp_(min=0).mean(1)
-            row = row + row @ cam
+            row = _roll_row(row, grad_attention, attention_relevance)
 
         g = head_gradient(a, record, targets, self.final_norm_eps)
         block_request = Request(detach=False, attention="grad", activations=True)

@@ -63,7 +63,7 @@ def backward_sweep(adapter: ViTAdapter, record: Record, g: Tensor, request: Requ
         "needs a record of Request(block_inputs=True) from the pure forward")
     block_request = replace(request, block_inputs=False, attention_layers=None)
     for k in range(adapter.num_layers - 1, first_layer - 1, -1):
-        rec = Record(grid=record.grid, context=record.context, query_weights=record.query_weights)
+        rec = Record(grid=record.grid, context=record.context)
         with torch.enable_grad(), parameters_as_constants():
             x = record.block_inputs[k].detach().requires_grad_(True)  # puts the attention in the graph
             out = _pure_block(adapter.parts[k], x, rec, block_request, k)
