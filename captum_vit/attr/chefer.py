@@ -109,16 +109,20 @@ def safe_divide(a: Tensor, b: Tensor) -> Tensor:
     return _divide_into(a, b + 1e-9, b == 0)
 
 
-def _divide_into(a: Tensor, den: Tensor, zero: Tensor) -> Tensor:
-    """:func:`safe_divide` with ``den = b + 1e-9`` (overwritten by the result) and ``zero = (b == 0)``."""
-    den.masked_fill_(den == 0, 1e-9)
+def _divide_into(a: Tensor, den: Tensor, zero: Tensor, nonnegative: bool = False) -> Tensor:
+    """:func:`safe_divide` with ``den = b + 1e-9`` (overwritten by the result) and ``zero = (b == 0)``.
+
+    ``nonnegative``: ``b >= 0`` everywhere, so ``den >= 1e-9`` is never 0 and needs no check.
+    """
+    if not nonnegative:
+        den.masked_fill_(den == 0, 1e-9)
     return torch.div(a, den, out=den).masked_fill_(zero, 0.0)
 
 
-def _safe_divide_consuming(a: Tensor, b: Tensor) -> Tensor:
+def _safe_divide_consuming(a: Tensor, b: Tensor, nonnegative: bool = False) -> Tensor:
     """:func:`safe_divide` for a ``b`` nobody else reads: ``b``'s memory holds the result."""
     zero = b == 0
-    return _divide_into(a, b.add_(1e-9), zero)
+    return _divide_into(a, b.add_(1e-9), zero, nonnegative)
 
 
 def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
@@ -128,8 +132,8 @@ def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
     when it is used, so that at most two temporaries of ``x``'s size live at once.
     """
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
-    z = (x.clamp(min=0) @ pw.t()).add_(x.clamp(max=0) @ nw.t())
-    s = _safe_divide_consuming(relevance, z)
+    z = (x.clamp(min=0) @ pw.t()).add_(x.clamp(max=0) @ nw.t())  # >= 0: a sum of products of one sign
+    s = _safe_divide_consuming(relevance, z, nonnegative=True)
     out = (s @ pw).mul_(x.clamp(min=0))
     return out.add_((s @ nw).mul_(x.clamp(max=0)))
 
@@ -237,13 +241,15 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         """``e_0^T (I + \\bar A_L) \\cdots (I + \\bar A_s)``, read from the last block down, one block at a time."""
         self._require_autograd()
         a = self.adapter
-        relevance = self._head_relevance(record, logits, targets)
+        relevance: Optional[Tensor] = self._head_relevance(record, logits, targets)
         row = self._query_row(record).unsqueeze(1)  # e_0: [B, 1, N]
 
         def visit(k: int, block: Record, grad_attention: Tensor) -> None:
             nonlocal relevance, row
+            assert relevance is not None  # None only after the first layer, which the sweep visits last
             attention = block.attention.pop()
-            relevance, attention_relevance = self._block_relevance(k, block.traces.pop(), attention, relevance)
+            last = k == self.start_layer  # nothing reads the relevance below the first rolled-out block
+            relevance, attention_relevance = self._block_relevance(k, block.traces.pop(), attention, relevance, last)
             del attention
             row = _roll_row(row, grad_attention, attention_relevance)
 
@@ -268,8 +274,12 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         relevance[:, 0] = pooled * safe_divide(relevance_cls, pooled)
         return relevance
 
-    def _block_relevance(self, k: int, t: BlockTrace, attn: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
+    def _block_relevance(self, k: int, t: BlockTrace, attn: Tensor, relevance: Tensor, last: bool = False
+                         ) -> Tuple[Optional[Tensor], Tensor]:
         """Block ``k``'s rules: relevance at its output -> ``(relevance at its input, R^{A_k})``.
+
+        ``last``: only ``R^{A_k}`` is wanted, so the rules below the attention map (the value
+        path, the query and key projections) are skipped and the input's relevance is ``None``.
 
         Each intermediate is let go once its rule has run (``del``), so that the rules add about
         one block's activations to the peak memory, not all of their own temporaries.
@@ -298,6 +308,8 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
         del o, r_attn
         r_a, r_v = lrp_matmul(attn, v, r_o)
         del attn, v, r_o
+        if last:
+            return None, r_a
         r_q, r_k = lrp_matmul(q, key.transpose(-2, -1), r_a)  # softmax passes relevance on
         del q, key
         r_n1 = self._qkv_relevance(b, n1, r_q, r_k.transpose(-2, -1), r_v)
