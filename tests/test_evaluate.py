@@ -422,7 +422,7 @@ def test_committed_benchmark_results_come_from_this_code():
     committed = json.loads(open(os.path.join(folder, "results.json")).read())
     with load_store(folder) as rs:
         assert rs.attrs["complete"] and len(rs.done()) == 300
-        assert rs.methods == ["agcam", "rollout", "lrp", "gae", "cdam", "raw"]
+        assert rs.methods == ["agcam", "rollout", "lrp", "gae", "cdam", "raw", "attnlrp"]
         method_summary = summary(rs, committed["metrics"])
         stored = rs.read("agcam")
     table = open(os.path.join(folder, "table.md")).read()
