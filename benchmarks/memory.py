@@ -8,6 +8,7 @@ per-thread arenas make one run's figure vary by up to ~40% from process to proce
 call runs in several processes and the table gives the median and the range. Linux only.
 
     python benchmarks/memory.py --out benchmarks/results/memory_cpu_fp32.md
+    python benchmarks/memory.py --calls lrp gae --runs 3      # the forward and these calls only
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def measure(call: str, model_name: str, batch: int) -> dict:
     return {"call": call, "model": model_name, "batch": batch, "peak_growth_bytes": peak - base}
 
 
-def run(models, batch, runs):
+def run(models, batch, runs, calls=CALLS):
     rows = []
     for name in models:
         row = {"model": name, "batch": batch}
-        for call in CALLS:
+        for call in calls:
             growth = []
             for _ in range(runs):
                 res = subprocess.run(
@@ -83,14 +84,14 @@ def run(models, batch, runs):
     return rows
 
 
-def table(rows, header):
+def table(rows, header, calls=CALLS):
     lines = [header, "",
-             "| model | batch | forward (no_grad) | " + " | ".join(CALLS[1:]) + " |",
-             "|---|---|---|" + "---|" * (len(CALLS) - 1)]
+             "| model | batch | forward (no_grad) | " + " | ".join(calls[1:]) + " |",
+             "|---|---|---|" + "---|" * (len(calls) - 1)]
     for r in rows:
         f = r["forward"]
         cells = [f"+{r[c]:.0f} MB ({r[c] / f:.2f}x; {r[c + '_range'][0]:.0f}-{r[c + '_range'][1]:.0f})"
-                 for c in CALLS[1:]]
+                 for c in calls[1:]]
         f_lo, f_hi = r["forward_range"]
         head = f"| {r['model']} | {r['batch']} | +{f:.0f} MB ({f_lo:.0f}-{f_hi:.0f}) | "
         lines.append(head + " | ".join(cells) + " |")
@@ -105,16 +106,19 @@ def main():
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per call; the table gives the median")
+    ap.add_argument("--calls", nargs="+", default=list(CALLS[1:]), choices=CALLS[1:],
+                    help="calls to measure against the forward (default all)")
     ap.add_argument("--out", default=None, help="write the table (markdown) and a .json beside it")
     a = ap.parse_args()
+    calls = ("forward", *a.calls)
     import torch
 
     header = (f"Peak resident-memory growth during one call (CPU, fp32, {platform.machine()}, "
               f"torch {torch.__version__}); median (min-max) of {a.runs} runs, "
               "each call in a fresh process; random-init weights.")
     print(header, flush=True)
-    rows = [row for b in a.batches for row in run(a.models, b, a.runs)]
-    md = table(rows, header)
+    rows = [row for b in a.batches for row in run(a.models, b, a.runs, calls)]
+    md = table(rows, header, calls)
     print()
     print(md)
     if a.out:

@@ -128,14 +128,18 @@ def _safe_divide_consuming(a: Tensor, b: Tensor, nonnegative: bool = False) -> T
 def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
     """alpha=1, beta=0 rule, no bias: positive and negative inputs each through the weights of their sign.
 
-    ``px * (s pw) + nx * (s nw)`` with ``s = R / (px pw^T + nx nw^T)``; each half of ``x`` is made
-    when it is used, so that at most two temporaries of ``x``'s size live at once.
+    ``px * (s pw) + nx * (s nw)`` with ``s = R / (px pw^T + nx nw^T)``. ``px`` and ``nx`` never
+    overlap, so the sum is ``x * (s pw)`` where ``x > 0`` and ``x * (s nw)`` elsewhere: one select
+    instead of two products and a sum. Each half of ``x`` is made when it is used, so that at most
+    two temporaries of ``x``'s size (and a mask of a quarter of it) live at once.
     """
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
     z = (x.clamp(min=0) @ pw.t()).add_(x.clamp(max=0) @ nw.t())  # >= 0: a sum of products of one sign
     s = _safe_divide_consuming(relevance, z, nonnegative=True)
-    out = (s @ pw).mul_(x.clamp(min=0))
-    return out.add_((s @ nw).mul_(x.clamp(max=0)))
+    through_positive = s @ pw
+    through_negative = s @ nw
+    del s
+    return torch.where(x > 0, through_positive, through_negative, out=through_positive).mul_(x)
 
 
 def lrp_matmul(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
