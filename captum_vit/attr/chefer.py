@@ -130,8 +130,8 @@ def lrp_linear(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
 
     ``px * (s pw) + nx * (s nw)`` with ``s = R / (px pw^T + nx nw^T)``. ``px`` and ``nx`` never
     overlap, so the sum is ``x * (s pw)`` where ``x > 0`` and ``x * (s nw)`` elsewhere: one select
-    instead of two products and a sum. Each half of ``x`` is made when it is used, so that at most
-    two temporaries of ``x``'s size (and a mask of a quarter of it) live at once.
+    instead of two products and a sum. The halves of ``x`` live only inside the denominator's
+    products, so that at most two temporaries of ``x``'s size (and a boolean mask) live at once.
     """
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
     z = (x.clamp(min=0) @ pw.t()).add_(x.clamp(max=0) @ nw.t())  # >= 0: a sum of products of one sign
