@@ -282,8 +282,9 @@ class TransformerAttribution(ViTLayerAttribution, GradientAttribution):
                          ) -> Tuple[Optional[Tensor], Tensor]:
         """Block ``k``'s rules: relevance at its output -> ``(relevance at its input, R^{A_k})``.
 
-        ``last``: only ``R^{A_k}`` is wanted, so the rules below the attention map (the value
-        path, the query and key projections) are skipped and the input's relevance is ``None``.
+        ``last``: only ``R^{A_k}`` is wanted, so the rules after the attention-values product (the
+        query-key product, the qkv projection, the fork into the block's input) are skipped and the
+        input's relevance is ``None``.
 
         Each intermediate is let go once its rule has run (``del``), so that the rules add about
         one block's activations to the peak memory, not all of their own temporaries.
